@@ -1,0 +1,1 @@
+"""Fused distillation kernels (generalized JSD over large vocabularies)."""

@@ -1,0 +1,1 @@
+"""Multi-Rollout On-Policy Distillation on PyTorch Lightning."""
