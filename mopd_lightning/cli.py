@@ -1,0 +1,39 @@
+"""The ``mopd`` command: LightningCLI over ``MOPDModule`` and ``PromptDataModule``.
+
+``mopd fit --config configs/sci.yaml`` trains; ``validate`` and ``test`` evaluate; ``--print_config`` shows
+every setting with its default. Logs go to CSV, and to TensorBoard as well when it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from lightning.pytorch.cli import LightningCLI
+
+from .data import PromptDataModule
+from .module import MOPDModule
+
+
+def default_loggers() -> list:
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}}]
+    if importlib.util.find_spec("tensorboard") is not None:
+        loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                        "init_args": {"save_dir": "runs", "name": "tensorboard"}})
+    return loggers
+
+
+def main(args=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    LightningCLI(
+        MOPDModule,
+        PromptDataModule,
+        args=args,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},  # re-running in the same folder must not fail
+        trainer_defaults={"logger": default_loggers(), "log_every_n_steps": 1, "num_sanity_val_steps": 0},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Settings of one MOPD step, one small dataclass per concern, each validated where it is built.
+
+LightningCLI turns these into nested config keys (``model.peers.n_success`` ...) and their docstrings
+into ``mopd fit --help``. Paper values are noted where they differ from the CPU-friendly defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"{field}: {message}")
+
+
+@dataclass
+class SamplingConfig:
+    """How the student draws its group of rollouts for each prompt.
+
+    Attributes:
+        group_size: rollouts per prompt (G); MOPD needs at least 2 (paper: 8).
+        temperature: sampling temperature (paper: 1.0).
+        top_p: nucleus sampling mass; 1.0 disables it.
+        top_k: sample only among the k most likely tokens; 0 disables it.
+        max_new_tokens: longest response (paper: 4096).
+        val_samples: rollouts per prompt at validation/test (k of mean@k and pass@k).
+        val_temperature: sampling temperature at validation/test.
+    """
+
+    group_size: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    val_samples: int = 4
+    val_temperature: float = 1.0
+
+    def __post_init__(self):
+        _require(self.group_size >= 2, "model.sampling.group_size",
+                 f"is {self.group_size}; MOPD builds peer contexts from the other rollouts of a group, so it needs at least 2")
+        _require(self.temperature > 0, "model.sampling.temperature", "must be positive")
+        _require(0 < self.top_p <= 1, "model.sampling.top_p", "must lie in (0, 1]")
+        _require(self.top_k >= 0, "model.sampling.top_k", "must be >= 0")
+        _require(self.max_new_tokens >= 1, "model.sampling.max_new_tokens", "must be >= 1")
+        _require(self.val_samples >= 1, "model.sampling.val_samples", "must be >= 1")
+        _require(self.val_temperature > 0, "model.sampling.val_temperature", "must be positive")
+
+
+@dataclass
+class PeerConfig:
+    """Which peers the teacher sees, and how its context is worded.
+
+    Attributes:
+        n_success: successful peers per context, at most (paper's best, 2S1F: 2).
+        n_failure: failed peers per context, at most (2S1F: 1).
+        failure_when: ``always`` includes failures whenever there are any; ``when_no_success`` only when the
+            group holds no other success.
+        success_threshold: a rollout with reward >= this is a success.
+        max_peer_tokens: token budget per peer; longer peers lose their middle (a marker shows where).
+        include_feedback: add each peer's verifier feedback (off by default, and reported in the logs).
+        success_template: block for one successful peer; ``{response}`` is the peer's answer.
+        failure_template: block for one failed peer; ``{response}``.
+        feedback_template: appended to a peer block when feedback is on; ``{feedback}``.
+        context_template: the whole user turn; ``{question}``, ``{peers}``.
+        truncation_marker: replaces the cut middle of a long peer; ``{n}`` is the number of tokens cut.
+    """
+
+    n_success: int = 2
+    n_failure: int = 1
+    failure_when: Literal["always", "when_no_success"] = "always"
+    success_threshold: float = 0.5
+    max_peer_tokens: int = 256
+    include_feedback: bool = False
+    success_template: str = "Here is a correct solution from another attempt:\n{response}\n\n"
+    failure_template: str = "Here is an incorrect solution from another attempt:\n{response}\n\n"
+    feedback_template: str = "Feedback on that attempt: {feedback}\n\n"
+    context_template: str = (
+        "{question}\n\n---\nOther attempts at this question, for reference:\n\n{peers}---\n"
+        "Now solve the original question above correctly, in your own words, and follow its answer format."
+    )
+    truncation_marker: str = "\n[... {n} tokens omitted ...]\n"
+
+    def __post_init__(self):
+        _require(self.n_success >= 0 and self.n_failure >= 0, "model.peers", "n_success and n_failure must be >= 0")
+        _require(self.n_success + self.n_failure >= 1, "model.peers",
+                 "n_success and n_failure are both 0: MOPD needs at least one peer per teacher context")
+        _require(self.failure_when in ("always", "when_no_success"), "model.peers.failure_when",
+                 f"is {self.failure_when!r}; expected 'always' or 'when_no_success'")
+        _require(self.max_peer_tokens >= 8, "model.peers.max_peer_tokens", "must be at least 8")
+        for name in ("success_template", "failure_template"):
+            _require("{response}" in getattr(self, name), f"model.peers.{name}", "must contain {response}")
+        _require("{feedback}" in self.feedback_template, "model.peers.feedback_template", "must contain {feedback}")
+        for key in ("{question}", "{peers}"):
+            _require(key in self.context_template, "model.peers.context_template", f"must contain {key}")
+
+
+@dataclass
+class TeacherConfig:
+    """Who scores the student's rollouts under the peer context.
+
+    Attributes:
+        kind: ``ema`` (a copy of the student updated after every step), ``self`` (the live student weights,
+            no gradient), ``frozen`` (the initial weights), or ``external`` (another checkpoint).
+        ema_rate: r in ``teacher <- (1 - r) * teacher + r * student`` (paper: 0.05).
+        path: hub id or local path of the external teacher; its tokenizer must match the student's.
+    """
+
+    kind: Literal["ema", "self", "frozen", "external"] = "ema"
+    ema_rate: float = 0.05
+    path: Optional[str] = None
+
+    def __post_init__(self):
+        _require(self.kind in ("ema", "self", "frozen", "external"), "model.teacher.kind",
+                 f"is {self.kind!r}; expected one of ema, self, frozen, external")
+        _require(0 < self.ema_rate <= 1, "model.teacher.ema_rate", "must lie in (0, 1]")
+        _require(self.kind != "external" or bool(self.path), "model.teacher.path",
+                 "is required when model.teacher.kind is 'external'")
+
+
+@dataclass
+class LossConfig:
+    """The token-level distillation loss.
+
+    Attributes:
+        alpha: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher), between = generalized
+            Jensen-Shannon with mixture (1 - alpha) * student + alpha * teacher.
+        temperature: divides student and teacher logits before the softmax.
+        topk: null = full vocabulary; k = the student's top-k tokens (100 reproduces the reference code).
+        tail: with ``topk``, add one bucket holding the rest of the probability mass.
+        is_clip: cap of the importance weight exp(logp - logp_old) when rollouts are reused.
+    """
+
+    alpha: float = 0.5
+    temperature: float = 1.0
+    topk: Optional[int] = None
+    tail: bool = True
+    is_clip: float = 2.0
+
+    def __post_init__(self):
+        _require(0 <= self.alpha <= 1, "model.loss.alpha", f"is {self.alpha}; must lie in [0, 1]")
+        _require(self.temperature > 0, "model.loss.temperature", "must be positive")
+        _require(self.topk is None or self.topk >= 1, "model.loss.topk", "must be null or >= 1")
+        _require(self.is_clip >= 1, "model.loss.is_clip", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and the shape of one update.
+
+    Attributes:
+        lr: AdamW learning rate (paper: 1e-6 on 4-8B models).
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: linear warm-up of the learning rate.
+        grad_clip: clip the global gradient norm to this; 0 disables clipping.
+        max_tokens_per_micro_batch: padded tokens (rows x longest row) per forward/backward; bounds memory.
+        updates_per_batch: optimizer steps on each batch of rollouts (>1 reuses rollouts, with importance weights).
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    max_tokens_per_micro_batch: int = 4096
+    updates_per_batch: int = 1
+
+    def __post_init__(self):
+        _require(self.lr > 0, "model.optim.lr", "must be positive")
+        _require(self.max_tokens_per_micro_batch >= 16, "model.optim.max_tokens_per_micro_batch", "must be >= 16")
+        _require(self.updates_per_batch >= 1, "model.optim.updates_per_batch", "must be >= 1")
+        _require(self.grad_clip >= 0, "model.optim.grad_clip", "must be >= 0")
+        _require(self.warmup_steps >= 0, "model.optim.warmup_steps", "must be >= 0")

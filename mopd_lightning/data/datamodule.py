@@ -1,0 +1,193 @@
+"""``PromptDataModule``: prompts (with ground truths) for training, validation and testing.
+
+Batches are plain lists of :class:`Example`; the module renders them with its own tokenizer's chat template.
+The training stream is deterministic from the seed, split across ranks by prompt (so all rollouts of a
+prompt stay on one rank), and resumable mid-epoch: the number of batches consumed is saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Dict, Iterator, List, Optional
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader, IterableDataset
+
+from .domains import get_domain
+from .example import DataError, Example
+from .sources import check_source, iter_rows
+
+log = logging.getLogger(__name__)
+
+
+class PromptStream(IterableDataset):
+    """Yields this rank's batches of one epoch, continuing from ``consumed`` global batches.
+
+    Epoch ``e`` is a permutation of the examples seeded by ``seed + e``; each global batch holds
+    ``batch_size * world_size`` prompts, and rank ``r`` takes the ``r``-th slice.
+    """
+
+    def __init__(self, examples: List[Example], batch_size: int, seed: int, shuffle: bool,
+                 rank: int = 0, world_size: int = 1):
+        self.examples, self.batch_size, self.seed, self.shuffle = examples, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.consumed = 0
+        self.batches_per_epoch = len(examples) // (batch_size * world_size)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"data.batch_size={batch_size} on {world_size} device(s) needs at least "
+                            f"{batch_size * world_size} training prompts; the training set has {len(examples)}")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[List[Example]]:
+        epoch, offset = divmod(self.consumed, self.batches_per_epoch)
+        order = list(range(len(self.examples)))
+        if self.shuffle:
+            random.Random(self.seed + epoch).shuffle(order)
+        global_batch = self.batch_size * self.world_size
+        for b in range(offset, self.batches_per_epoch):
+            start = b * global_batch + self.rank * self.batch_size
+            yield [self.examples[i] for i in order[start:start + self.batch_size]]
+
+
+def _collate(batch: List[Example]) -> List[Example]:
+    return batch
+
+
+class PromptDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        domain: str = "sci",
+        train: str = "embedded",
+        val: Optional[str] = "embedded",
+        test: Optional[str] = None,
+        train_split: str = "train",
+        val_split: str = "validation",
+        test_split: str = "test",
+        num_train: Optional[int] = None,
+        num_val: Optional[int] = None,
+        num_test: Optional[int] = None,
+        batch_size: int = 4,
+        val_batch_size: int = 8,
+        system_prompt: Optional[str] = None,
+        skip_invalid: bool = False,
+        shuffle: bool = True,
+        seed: int = 0,
+    ):
+        """
+        Args:
+            domain: task family; picks the embedded data, the row format and the verifier (``sci``).
+            train: ``embedded`` (the generated data packaged with the domain), a local JSONL/JSON/parquet
+                file or folder, or a Hugging Face hub dataset name (``name`` or ``name:config``).
+            val: like ``train``; ``holdout`` takes ``num_val`` prompts out of the training data; null for none.
+            test: like ``val``; used by ``mopd test``.
+            train_split: split name for hub datasets (``train``).
+            val_split: split name for hub datasets (``validation``).
+            test_split: split name for hub datasets (``test``).
+            num_train: keep at most this many training prompts (seeded choice); null keeps all.
+            num_val: validation prompts (at most); with ``val: holdout`` the number held out (default 100).
+            num_test: test prompts (at most); null keeps all.
+            batch_size: prompts per optimizer step on each device; each prompt yields a group of rollouts.
+            val_batch_size: prompts per validation batch on each device.
+            system_prompt: optional system message put before every question.
+            skip_invalid: skip dataset rows that miss fields (counted and logged) instead of failing.
+            shuffle: shuffle training prompts each epoch (seeded).
+            seed: seed for shuffling and subsampling; the same seed gives the same order.
+        """
+        super().__init__()
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError("data.batch_size and data.val_batch_size must be at least 1")
+        self.domain = get_domain(domain)
+        for field, source in (("train", train), ("val", val), ("test", test)):
+            if source not in (None, "embedded", "holdout"):
+                check_source(f"data.{field}", source)
+        if train == "holdout":
+            raise ValueError("data.train cannot be 'holdout'; only val and test can")
+        self.train_source, self.val_source, self.test_source = train, val, test
+        self.splits = {"train": train_split, "validation": val_split, "test": test_split}
+        self.limits = {"train": num_train, "validation": num_val, "test": num_test}
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.system_prompt, self.skip_invalid, self.shuffle, self.seed = system_prompt, skip_invalid, shuffle, seed
+        self.datasets: Dict[str, List[Example]] = {}
+        self.skipped: Dict[str, int] = {}
+        self._train_stream: Optional[PromptStream] = None
+        self._restored_consumed = 0
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def load(self, split: str, source: str) -> List[Example]:
+        """Examples of one split from ``source``; bad rows raise (naming file and row) or are counted."""
+        if source == "embedded":
+            return self.domain.embedded(split, self.seed, self.system_prompt)
+        examples, skipped, unsupported = [], 0, 0
+        for row_id, row in iter_rows(source, self.splits[split]):
+            try:
+                example = self.domain.from_row(row, row_id, self.system_prompt)
+            except DataError as error:
+                if not self.skip_invalid:
+                    raise DataError(f"{row_id}: {error} (set data.skip_invalid=true to skip such rows)") from None
+                skipped += 1
+                continue
+            if example is None:
+                unsupported += 1
+            else:
+                examples.append(example)
+        if skipped or unsupported:
+            log.warning("%s (%s): skipped %d invalid rows and %d rows of a kind this domain does not use",
+                        split, source, skipped, unsupported)
+        self.skipped[split] = skipped
+        if not examples:
+            raise DataError(f"{source} gave no usable {split} examples")
+        return examples
+
+    def _limit(self, examples: List[Example], limit: Optional[int]) -> List[Example]:
+        if limit is None or limit >= len(examples):
+            return examples
+        return random.Random(self.seed).sample(examples, limit)
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if "train" not in self.datasets and stage in (None, "fit"):
+            train = self.load("train", self.train_source)
+            if self.val_source == "holdout":
+                order = random.Random(self.seed).sample(range(len(train)), len(train))
+                held = set(order[: self.limits["validation"] or 100])
+                self.datasets["validation"] = [e for i, e in enumerate(train) if i in held]
+                train = [e for i, e in enumerate(train) if i not in held]
+            self.datasets["train"] = self._limit(train, self.limits["train"])
+        for split, source in (("validation", self.val_source), ("test", self.test_source)):
+            wanted = stage in (None, "fit", "validate") if split == "validation" else stage in (None, "test")
+            if wanted and source and source != "holdout" and split not in self.datasets:
+                self.datasets[split] = self._limit(self.load(split, source), self.limits[split])
+
+    # -- loaders --------------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        world_size = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        self._train_stream = PromptStream(self.datasets["train"], self.batch_size, self.seed, self.shuffle,
+                                          rank, world_size)
+        self._train_stream.consumed = self._restored_consumed
+        return DataLoader(self._train_stream, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader | List:
+        return self._eval_loader("validation")
+
+    def test_dataloader(self) -> DataLoader | List:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str):
+        if split not in self.datasets:
+            return []
+        return DataLoader(self.datasets[split], batch_size=self.val_batch_size, shuffle=False, collate_fn=_collate)
+
+    # -- resumable position ---------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training and self._train_stream is not None:
+            self._train_stream.consumed += 1
+        return batch
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"train_batches_consumed": self._train_stream.consumed if self._train_stream else 0}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._restored_consumed = int(state_dict.get("train_batches_consumed", 0))

@@ -1,0 +1,65 @@
+"""Loading students and teachers: the embedded demo model, any hub id, or a local checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import torch
+
+DEMO = "demo"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_path(name_or_path: str) -> str:
+    """``demo`` means the embedded SmolLM2-135M-Instruct (fetched and converted once); anything else is kept."""
+    if name_or_path == DEMO:
+        from .demo_model import demo_model_path
+
+        return str(demo_model_path())
+    return name_or_path
+
+
+def attention_implementation(requested: str = "auto") -> str:
+    """flash-attention 2 on a CUDA machine that has it installed, otherwise PyTorch SDPA."""
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer of {name_or_path!r} has no chat template; prompts are rendered with it")
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str = "auto"):
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype is {dtype!r}; expected one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_path(name_or_path), dtype=DTYPES[dtype], attn_implementation=attention_implementation(attn_implementation)
+    )
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        raise ValueError(f"{name_or_path!r}: output projections with a bias are not supported")
+    return model
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str,
+                          student_vocab_size: Optional[int] = None, teacher_vocab_size: Optional[int] = None) -> None:
+    """An external teacher must share the student's tokenizer: the loss compares distributions token by token."""
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise ValueError(f"model.teacher.path: the tokenizer of {teacher_name!r} differs from the student's; "
+                         "token-level distillation needs the same vocabulary")
+    if student_vocab_size is not None and teacher_vocab_size is not None and student_vocab_size != teacher_vocab_size:
+        raise ValueError(f"model.teacher.path: {teacher_name!r} has an output vocabulary of {teacher_vocab_size} "
+                         f"rows, the student {student_vocab_size}")
