@@ -74,7 +74,8 @@ class MOPDModule(pl.LightningModule):
             export_dir: when set, the final student and its tokenizer are saved here (transformers format).
         """
         super().__init__()
-        self.save_hyperparameters()
+        # export_dir stays out of the checkpoint: LightningCLI re-applies checkpoint hparams on --ckpt_path.
+        self.save_hyperparameters(ignore=["export_dir"])
         self.automatic_optimization = False
         self.model_name, self.dtype_name, self.attn = model, dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
@@ -215,7 +216,10 @@ class MOPDModule(pl.LightningModule):
         finite = finite and bool(torch.isfinite(grad_norm))
         if self._all_reduce(0.0 if finite else 1.0) > 0:  # every rank skips together
             self.skipped_steps += 1
+            # With no gradients the optimizer leaves every weight and its state alone, yet Lightning counts
+            # the step, so max_steps still bounds a run whose losses keep coming out non-finite.
             optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
             log.warning("non-finite loss or gradient: step skipped (%d so far)", self.skipped_steps)
             return stats
         optimizer.step()

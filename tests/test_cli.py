@@ -1,0 +1,109 @@
+"""The ``mopd`` command end to end on the tiny model: fit, re-run, resume, DDP, and early config errors."""
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "sci.yaml"
+
+
+def mopd(*args, cwd, check=True, timeout=600):
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    result = subprocess.run([sys.executable, "-m", "mopd_lightning.cli", *map(str, args)], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mopd {' '.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def tiny_args(tiny_model, steps, *extra):
+    return ["fit", "--config", CONFIG, "--model.model", tiny_model, "--model.sampling.max_new_tokens", "8",
+            "--model.sampling.group_size", "2", "--data.batch_size", "2", "--data.num_train", "16",
+            "--trainer.max_steps", steps, "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
+            "false", "--model.optim.lr", "1e-2", *extra]
+
+
+def weights(folder):
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def assert_same_update(initial, a, b):
+    """Both runs moved the weights the same way (Adam turns float rounding into tiny per-element noise)."""
+    start, first, second = weights(initial), weights(a), weights(b)
+    assert first.keys() == second.keys()
+    for name in first:
+        moved = (first[name] - start[name]).norm()
+        assert moved > 0, name
+        assert (first[name] - second[name]).norm() / moved < 1e-2, name
+
+
+def grad_norms(run_folder):
+    with open(Path(run_folder) / "runs" / "csv" / "version_0" / "metrics.csv") as f:
+        return [float(row["train/grad_norm"]) for row in csv.DictReader(f) if row.get("train/grad_norm")]
+
+
+def test_fit_two_steps_and_rerun_in_the_same_folder(tiny_model, tmp_path):
+    mopd(*tiny_args(tiny_model, 2, "--model.export_dir", tmp_path / "export"), cwd=tmp_path)
+    assert (tmp_path / "export" / "model.safetensors").exists()
+    assert (tmp_path / "export" / "tokenizer_config.json").exists()
+    metrics = glob.glob(str(tmp_path / "runs" / "csv" / "version_0" / "metrics.csv"))
+    assert metrics and "train/reward" in Path(metrics[0]).read_text()
+    mopd(*tiny_args(tiny_model, 1), cwd=tmp_path)  # the saved config of the first run must not block this one
+
+
+def test_resume_from_checkpoint_equals_a_straight_run(tiny_model, tmp_path):
+    mopd(*tiny_args(tiny_model, 3, "--model.export_dir", tmp_path / "straight"), cwd=tmp_path / ".")
+    first = tmp_path / "first"
+    first.mkdir()
+    mopd(*tiny_args(tiny_model, 2, "--trainer.callbacks.init_args.every_n_train_steps", "1"), cwd=first)
+    checkpoint = str(first / "runs" / "csv" / "version_0" / "checkpoints" / "last.ckpt")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert any(k.startswith("teacher.") for k in state["state_dict"]), "the EMA teacher must be checkpointed"
+    assert state["optimizer_states"] and "rng" in state["mopd"]
+    mopd(*tiny_args(tiny_model, 3, "--model.export_dir", tmp_path / "resumed", "--ckpt_path", checkpoint), cwd=first)
+    assert_same_update(tiny_model, tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_ddp_on_two_processes_equals_one_process(tiny_model, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    common = ["--data.shuffle", "false", "--model.export_dir"]
+    mopd(*tiny_args(tiny_model, 2, *common, one / "export"), cwd=one)
+    mopd(*tiny_args(tiny_model, 2, *common, two / "export", "--data.batch_size", "1", "--trainer.strategy", "ddp",
+                    "--trainer.devices", "2", "--trainer.accelerator", "cpu"), cwd=two)
+    assert_same_update(tiny_model, one / "export", two / "export")
+    # The gradient itself (after the DDP average) is the same: a wrong loss normaliser would scale it.
+    torch.testing.assert_close(grad_norms(one), grad_norms(two), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model.sampling.group_size", "1"], "model.sampling.group_size"),
+    (["--model.peers.n_success", "0", "--model.peers.n_failure", "0"], "model.peers"),
+    (["--model.teacher.kind", "teacher_of_the_year"], "teacher_of_the_year"),
+    (["--data.train", "./missing.jsonl"], "data.train: dataset path"),
+])
+def test_bad_config_fails_early_naming_the_field(tiny_model, tmp_path, args, message):
+    result = mopd(*tiny_args(tiny_model, 1, *args), cwd=tmp_path, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_external_teacher_with_another_vocabulary_fails_before_loading(tiny_model, other_vocab_model, tmp_path):
+    args = ["--model.teacher.kind", "external", "--model.teacher.path", other_vocab_model]
+    result = mopd(*tiny_args(tiny_model, 1, *args), cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "differs from the student's" in result.stderr
+    assert "Loading weights" not in result.stderr + result.stdout
+
+
+def test_print_config(tmp_path):
+    result = mopd("fit", "--config", CONFIG, "--print_config", cwd=tmp_path)
+    assert "n_success: 2" in result.stdout and "kind: ema" in result.stdout

@@ -1,0 +1,146 @@
+"""A full MOPD step on a tiny random Llama, through a real Lightning Trainer."""
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mopd_lightning import MOPDModule
+from mopd_lightning.config import OptimConfig, PeerConfig, SamplingConfig, TeacherConfig
+from mopd_lightning.data.datamodule import PromptStream
+from mopd_lightning.data.example import Example
+from mopd_lightning.rewards import Score, register_verifier
+
+
+@register_verifier("parity")
+def _parity():
+    """Deterministic, mixed rewards from random text: success when the response has an even length."""
+    return lambda response, ground_truth: Score(float(len(response) % 2 == 0))
+
+
+def examples(n=4):
+    return [Example(f"toy-{i}", [{"role": "user", "content": f"Question {i}: add {i} and 3."}], "", "parity")
+            for i in range(n)]
+
+
+def run(module, steps=1, batch_size=2, n=4, callbacks=()):
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         callbacks=list(callbacks))
+    loader = DataLoader(PromptStream(examples(n), batch_size, seed=0, shuffle=False), batch_size=None)
+    trainer.fit(module, train_dataloaders=loader)
+    return trainer
+
+
+def make(tiny_model, **kwargs):
+    kwargs.setdefault("sampling", SamplingConfig(group_size=4, max_new_tokens=12))
+    kwargs.setdefault("optim", OptimConfig(lr=1e-2))
+    return MOPDModule(model=tiny_model, **kwargs)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_full_step_updates_student_and_ema_teacher(tiny_model):
+    module = make(tiny_model)
+    module.setup("fit")
+    module.configure_model()
+    before = snapshot(module.student)
+    trainer = run(module)
+    after = snapshot(module.student)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
+    rate = module.teacher_config.ema_rate
+    for name, teacher_value in module.teacher.state_dict().items():
+        expected = (1 - rate) * before[name] + rate * after[name]
+        torch.testing.assert_close(teacher_value, expected, rtol=1e-5, atol=1e-6)
+    logged = trainer.logged_metrics
+    for key in ["train/reward", "train/success_rate", "train/mixed_group_fraction", "train/active_fraction",
+                "train/peers_per_context", "train/teacher_prompt_len_mean", "train/teacher_prompt_len_max",
+                "train/peer_truncation_fraction", "train/loss", "train/entropy", "train/response_len",
+                "time/sample_s", "time/verify_s", "time/teacher_s", "time/student_s", "throughput/tokens_per_s"]:
+        assert key in logged, key
+    assert 0 < logged["train/mixed_group_fraction"] <= 1
+    assert logged["train/loss"] > 0 and torch.isfinite(logged["train/loss"])
+
+
+@pytest.mark.parametrize("kind", ["self", "frozen"])
+def test_teacher_kinds(tiny_model, kind):
+    module = make(tiny_model, teacher=TeacherConfig(kind=kind))
+    module.setup("fit")
+    module.configure_model()
+    initial = snapshot(module.student)
+    run(module)
+    if kind == "self":
+        assert module.teacher is None and module.scoring_teacher is module.student
+    else:
+        for name, value in module.teacher.state_dict().items():
+            assert torch.equal(value, initial[name])
+
+
+class GradientRecorder(pl.Callback):
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.grads = {n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None}
+
+
+def test_micro_batch_size_does_not_change_the_gradient(tiny_model):
+    grads = []
+    for max_tokens in (64, 100_000):
+        module = make(tiny_model, optim=OptimConfig(lr=1e-2, max_tokens_per_micro_batch=max_tokens))
+        recorder = GradientRecorder()
+        run(module, callbacks=[recorder])
+        grads.append(recorder.grads)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+def test_non_finite_loss_skips_the_step(tiny_model, monkeypatch):
+    import mopd_lightning.module as module_file
+
+    def nan_loss(student_hidden, *args, **kwargs):
+        return student_hidden.sum() * float("nan"), torch.tensor(0.0)
+
+    monkeypatch.setattr(module_file, "distillation_loss", nan_loss)
+    module = make(tiny_model)
+    module.setup("fit")
+    module.configure_model()
+    before = snapshot(module.student)
+    run(module, steps=2, n=8)  # two batches, both non-finite: the run goes on
+    assert module.skipped_steps == 2
+    for name, value in module.student.state_dict().items():
+        assert torch.equal(value, before[name])
+
+
+def test_no_peer_rollouts_are_masked(tiny_model):
+    module = make(tiny_model, peers=PeerConfig(n_success=1, n_failure=0))
+    module.setup("fit")
+    module.configure_model()
+    batch = examples(2)
+    rollouts = module.sample(batch, "train", 4, 1.0)
+    scores = [Score(1.0 if r % 4 == 0 else 0.0) for r in range(len(rollouts))]  # one success per group
+    distillation = module.score_with_teacher(batch, rollouts, scores)
+    # Only the failures can see the single success; the success itself has no success peer.
+    assert distillation.active == [1, 2, 3, 5, 6, 7]
+    assert set(distillation.teacher_hidden) == set(distillation.active)
+
+
+def test_sampling_is_reproducible_and_batch_independent(tiny_model):
+    module = make(tiny_model)
+    module.setup("fit")
+    module.configure_model()
+    batch = examples(3)
+    together = module.sample(batch, "train", 4, 1.0)
+    alone = module.sample(batch[1:2], "train", 4, 1.0)
+    assert together.response_ids[4:8] == alone.response_ids
+    assert module.sample(batch, "train", 4, 1.0).response_ids == together.response_ids
+
+
+def test_validation_reports_mean_and_pass_at_k(tiny_model):
+    module = make(tiny_model)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(examples(4), batch_size=2, collate_fn=lambda b: b)
+    metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    assert 0 <= metrics["val/mean@4"] <= metrics["val/pass@4"] <= 1
