@@ -22,7 +22,7 @@ from .loss import distillation_loss
 from .metrics import PassAtK
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer
 from .peers import TeacherContext, build_teacher_contexts
-from .rewards import Score, get_verifier
+from .rewards import Score, verify_batch
 from .sampling import Rollouts, sample_groups, stable_seed
 from .scoring import output_weight, plan_micro_batches, response_hidden_states
 from .teacher import ema_update, make_teacher
@@ -150,8 +150,16 @@ class MOPDModule(pl.LightningModule):
                                                        return_dict=False))
 
     def verify(self, batch: List[Example], rollouts: Rollouts) -> List[Score]:
-        return [get_verifier(batch[g].verifier)(text, batch[g].ground_truth)
-                for g, text in zip(rollouts.group, rollouts.response_text)]
+        """Scores in rollout order; each domain's rollouts are verified together, in parallel."""
+        names = [batch[g].verifier for g in rollouts.group]
+        scores: List[Optional[Score]] = [None] * len(rollouts)
+        for name in sorted(set(names)):
+            chosen = [r for r, n in enumerate(names) if n == name]
+            results = verify_batch(name, [rollouts.response_text[r] for r in chosen],
+                                   [batch[rollouts.group[r]].ground_truth for r in chosen])
+            for r, score in zip(chosen, results):
+                scores[r] = score
+        return scores
 
     @torch.no_grad()
     def score_with_teacher(self, batch: List[Example], rollouts: Rollouts, scores: List[Score]) -> Distillation:

@@ -1,34 +1,109 @@
-"""Multiple-choice verifier: the answer is the letter inside the last ``<answer>...</answer>`` tag."""
+"""Multiple-choice verifier: the answer is the choice inside the last ``<answer>...</answer>`` tag.
+
+Covers SciKnowEval's ``mcq-4-choices``, ``mcq-2-choices`` and ``true_or_false`` types. The ground truth is a
+letter (``"B"``), a truth value (``"Yes"``/``"No"``, ``"true"``/``"false"``, a bool), or a dict holding one of
+those under ``answerKey``/``answer``/``label`` plus, optionally, the question's ``choices``
+(``{"label": [...], "text": [...]}``): then an answer written as an option's text counts as that option's
+label, so ``True`` answers a true/false question whose options are ``A: True, B: False``.
+
+Yes/true and no/false are the same answer. Without a tag, a response is still read when it is nothing but a
+choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), says "the answer is B", or starts with an
+option label (``"B. 120 N"``), as small models often answer; anything else scores 0.
+"""
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Dict, Optional
 
 from .base import Score, register_verifier
 
-_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
 _LEADING_CHOICE = re.compile(r"^\(?([A-Za-z]|true|false|yes|no)\b\)?", re.IGNORECASE)
+_ANSWER_IS = re.compile(r"(?i:answer is)\s*:?\s*\(?([A-J])\b")
+_LABELLED_START = re.compile(r"\s*\(?([A-J])[.):]\s")
+_TRUTH = {"TRUE": "TRUE", "YES": "TRUE", "FALSE": "FALSE", "NO": "FALSE"}
+
+
+def _canonical(value: Any) -> str:
+    """Upper-cased, outer punctuation and spaces removed, yes/no folded into true/false."""
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    text = re.sub(r"\s+", " ", str(value)).strip().strip(".:;,!*()[]'\"` ").upper()
+    return _TRUTH.get(text, text)
+
+
+def _choice_in(text: str) -> Optional[str]:
+    """The choice a short answer text names: the whole text, or its leading letter / truth word."""
+    whole = _canonical(text)
+    if len(whole) == 1 or whole in ("TRUE", "FALSE"):
+        return whole
+    match = _LEADING_CHOICE.match(text.strip())
+    return _canonical(match.group(1)) if match else None
+
+
+def last_answer_tag(response: str) -> Optional[str]:
+    """Text inside the last ``<answer>...</answer>`` (case-insensitive); None if there is none."""
+    lowered = response.lower()
+    end = lowered.rfind("</answer>")
+    start = lowered.rfind("<answer>", 0, end) if end >= 0 else -1
+    return response[start + len("<answer>") : end].strip() if start >= 0 else None
 
 
 def extract_choice(response: str) -> str | None:
-    """The choice named in the last answer tag (a letter, or true/false), upper-cased; None if absent."""
-    tags = _ANSWER_TAG.findall(response)
-    if not tags:
+    """The choice named in the last answer tag (a letter, or TRUE/FALSE), upper-cased; None if absent.
+
+    Without a tag, a response that is only a choice (``"B"``, ``"No."``) is read as that choice.
+    """
+    if not isinstance(response, str):
         return None
-    match = _LEADING_CHOICE.match(tags[-1].strip())
-    return match.group(1).upper() if match else None
+    tag = last_answer_tag(response)
+    if tag is not None:
+        return _choice_in(tag)
+    bare = _canonical(response)
+    if len(bare) == 1 and bare.isalpha() or bare in ("TRUE", "FALSE"):
+        return bare
+    stated = _ANSWER_IS.findall(response)
+    if stated:
+        return stated[-1]
+    labelled = _LABELLED_START.match(response)
+    return labelled.group(1) if labelled else None
+
+
+def _ground_truth(ground_truth: Any) -> tuple[str, Dict[str, str]]:
+    """(expected answer, {canonical option text: label}) from any accepted ground-truth shape."""
+    if isinstance(ground_truth, dict):
+        expected = next(
+            (ground_truth[k] for k in ("answerKey", "answer", "label") if str(ground_truth.get(k, "")).strip()), ""
+        )
+        choices = ground_truth.get("choices") or {}
+        labels, texts = choices.get("label") or [], choices.get("text") or []
+        options = {_canonical(t): _canonical(lab) for lab, t in zip(labels, texts)}
+        return _canonical(expected), options
+    return _canonical(ground_truth), {}
 
 
 def verify_mcq(response: str, ground_truth: Any) -> Score:
     """Reward 1 when the chosen option equals ``ground_truth`` (a letter such as ``"B"``, or true/false)."""
-    expected = str(ground_truth).strip().upper()
-    chosen = extract_choice(response if isinstance(response, str) else "")
+    try:
+        expected, options = _ground_truth(ground_truth)
+    except Exception:  # noqa: BLE001 - an odd ground truth scores 0, it never raises
+        return Score(0.0, "Invalid ground truth for a multiple-choice question.")
+    if not expected:
+        return Score(0.0, "Invalid ground truth: no answer given.")
+    chosen = extract_choice(response)
+    tag = last_answer_tag(response) if isinstance(response, str) else None
+    if options and tag is not None and _canonical(tag) in options:  # the option written out in full
+        chosen = options[_canonical(tag)]
     if chosen is None:
         return Score(0.0, "No answer found: the final answer must be written as <answer>X</answer>.")
+    expected = options.get(expected, expected)  # a ground truth given as option text
+    chosen = options.get(chosen, chosen)  # "TRUE" answering options "A: True, B: False"
     if chosen == expected:
         return Score(1.0, None)
     return Score(0.0, f"The answer {chosen} is incorrect.")
+
+
+verify_mcq.executor = "inline"
 
 
 @register_verifier("mcq")

@@ -1,0 +1,116 @@
+"""Math and multiple-choice verifiers."""
+
+import json
+import threading
+
+import pytest
+
+from mopd_lightning.rewards import Score, get_verifier, verify_batch
+from mopd_lightning.rewards.math import extract_answer, last_boxed
+
+
+@pytest.mark.parametrize(
+    "response, ground_truth",
+    [
+        ("So the result is \\boxed{\\frac{1}{2}}.", "0.5"),
+        ("\\boxed{0.5}", "\\frac{1}{2}"),
+        ("\\boxed{1/2}", "1/2"),
+        ("The answer is $\\dfrac{3}{4}$.", "3/4"),
+        ("\\boxed{0.75}", "\\frac{3}{4}"),
+        ("Therefore $x = \\boxed{2}$", "x=2"),
+        ("\\boxed{x = 2}", "2"),
+        ("We get 5 apples, then 7 more: 12", "12"),
+        ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),
+        ("first \\boxed{3} then corrected: \\boxed{12}", "12"),
+        ("\\boxed{12{,}000}", "12000"),
+    ],
+)
+def test_equivalent_forms(response, ground_truth):
+    assert get_verifier("math")(response, ground_truth) == Score(1.0, None)
+
+
+@pytest.mark.parametrize(
+    "response, ground_truth",
+    [
+        ("\\boxed{\\frac{1}{3}}", "0.5"),
+        ("\\boxed{x = 3}", "x=2"),
+        ("\\boxed{12} was wrong, the answer is \\boxed{13}", "12"),
+        ("The answer is 7.", "12"),
+    ],
+)
+def test_wrong_answers(response, ground_truth):
+    score = get_verifier("math")(response, ground_truth)
+    assert score.reward == 0.0 and "incorrect" in score.feedback
+
+
+def test_no_answer():
+    score = get_verifier("math")("I am not sure how to solve this.", "12")
+    assert score.reward == 0.0 and "boxed" in score.feedback
+
+
+def test_extraction():
+    assert last_boxed("\\boxed{\\frac{a}{b^{2}}} and \\boxed{x_{1}+\\{y\\}}") == "x_{1}+\\{y\\}"
+    assert last_boxed("\\boxed 5 apples") == "5"
+    assert last_boxed("cut off \\boxed{\\frac{1}{2") is None
+    assert extract_answer("The final answer is: **42**.") == "42"
+    assert extract_answer("nothing numeric") is None
+
+
+def test_math_from_a_thread_and_in_a_batch():
+    """math-verify's alarm-based time limit only works in a main thread: other threads use worker processes."""
+    results = []
+    worker = threading.Thread(target=lambda: results.append(get_verifier("math")("\\boxed{0.5}", "1/2")))
+    worker.start()
+    worker.join()
+    assert results == [Score(1.0, None)]
+    responses = [f"\\boxed{{{i}}}" for i in range(40)]
+    truths = [str(i if i % 2 else i + 1) for i in range(40)]
+    scores = verify_batch("math", responses, truths)
+    assert [s.reward for s in scores] == [float(i % 2) for i in range(40)]
+
+
+SKE = {"choices": {"text": ["True", "False"], "label": ["A", "B"]}, "answerKey": "A", "type": "mcq-2-choices"}
+
+
+@pytest.mark.parametrize(
+    "response, ground_truth, reward",
+    [
+        ("<answer>B</answer>", "B", 1.0),
+        ("I think <answer>(C)</answer>", "C", 1.0),
+        ("<answer>A</answer> no wait <answer>D</answer>", "D", 1.0),
+        ("<answer>A</answer>", "B", 0.0),
+        ("<answer>Yes</answer>", "Yes", 1.0),
+        ("<answer>true</answer>", "Yes", 1.0),
+        ("<answer>No</answer>", "false", 1.0),
+        ("<answer>No.</answer>", False, 1.0),
+        ("<answer>Yes</answer>", "No", 0.0),
+        ("<answer>True</answer>", SKE, 1.0),
+        ("<answer>A</answer>", SKE, 1.0),
+        ("<answer>False</answer>", SKE, 0.0),
+        ("<answer>B</answer>", {"answer": "False", "choices": SKE["choices"]}, 1.0),
+        ("No", "No", 1.0),
+        ("B.", "B", 1.0),
+        ("The answer is B", "B", 1.0),
+        ("B. 120 N\nbecause F = ma", "B", 1.0),
+        ("7325 - B is the correct one", "B", 0.0),
+        ("Apple. It is A", "A", 0.0),
+    ],
+)
+def test_mcq(response, ground_truth, reward):
+    assert get_verifier("mcq")(response, ground_truth).reward == reward
+
+
+def test_mcq_on_sciknoweval_types(sciknoweval_dir):
+    """Every SciKnowEval question type the project trains on: the key (or Yes/No answer) is accepted, others not."""
+    rows = [json.loads(line) for path in sorted(sciknoweval_dir.rglob("*.jsonl")) for line in open(path)]
+    by_type = {}
+    for row in rows:
+        by_type.setdefault(row["type"], row)
+    assert {"mcq-4-choices", "mcq-2-choices", "true_or_false"} <= set(by_type)
+    for kind in ("mcq-4-choices", "mcq-2-choices", "true_or_false"):
+        row = by_type[kind]
+        right = row["answerKey"] or row["answer"]
+        wrong = next(c for c in (row["choices"]["label"] or ["Yes", "No"]) if c != right)
+        assert get_verifier("mcq")(f"<answer>{right}</answer>", row).reward == 1.0, kind
+        assert get_verifier("mcq")(f"<answer>{wrong}</answer>", row).reward == 0.0, kind
+        assert get_verifier("mcq")(f"<answer>{right}</answer>", right).reward == 1.0, kind

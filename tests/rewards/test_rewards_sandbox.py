@@ -1,0 +1,223 @@
+"""Hostile programs: each scores 0 within a bounded time, and the test process, the machine and every file
+outside the sandbox stay untouched, with no process outliving its run.
+
+Each case runs through the code verifier as a stdio problem whose expected output is what the attack would print
+if it succeeded; the attacks that need it also run through ``run_python`` to inspect what the program saw.
+"""
+
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from mopd_lightning.rewards import CodeVerifier
+from mopd_lightning.rewards.sandbox import Limits, run_python
+
+TIMEOUT_S = 2.0
+BOUND_S = 8.0  # the whole verification, including killing and clean-up
+pytestmark = pytest.mark.usefixtures("no_leftover_processes")
+
+
+def score_of(program: str, expected_output: str, **verifier_options):
+    gt = {"kind": "stdio", "tests": [{"input": "", "output": expected_output}]}
+    start = time.monotonic()
+    score = CodeVerifier(**{"timeout_s": TIMEOUT_S, **verifier_options})(program, gt)
+    elapsed = time.monotonic() - start
+    assert elapsed < BOUND_S, f"verification took {elapsed:.1f}s"
+    return score
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A world-writable folder outside the sandbox holding a canary file: only isolation can protect it."""
+    canary = tmp_path / "canary.txt"
+    canary.write_text("alive")
+    tmp_path.chmod(0o777)
+    canary.chmod(0o666)
+    yield tmp_path
+    assert canary.read_text() == "alive"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["canary.txt"]
+
+
+def test_fork_bomb():
+    program = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    score = score_of(program, "survived")
+    assert score.reward == 0.0 and "timed out" in score.feedback
+
+
+@pytest.mark.parametrize(
+    "program",
+    ["chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 1024 * 1024))\n", "x = ' ' * 10**11\n"],
+    ids=["growing", "at-once"],
+)
+def test_memory_bomb(program):
+    score = score_of(program, "survived", memory_mb=256, timeout_s=5.0)
+    assert score.reward == 0.0 and "MemoryError" in score.feedback
+
+
+def test_infinite_loop():
+    start = time.monotonic()
+    score = score_of("while True:\n    pass\n", "done")
+    assert score.reward == 0.0 and "timed out" in score.feedback
+    assert time.monotonic() - start < TIMEOUT_S + 3
+
+
+@pytest.mark.parametrize("stream", ["stdout", "stderr"])
+def test_gigabytes_of_output(stream):
+    program = f"import sys\nwhile True:\n    sys.{stream}.write('x' * 65536)\n"
+    score = score_of(program, "x")
+    assert score.reward == 0.0 and "output limit" in score.feedback
+
+
+def test_filling_the_disk():
+    """Every write hits a limit (file size, or the size of the private tmpfs) long before the disk fills."""
+    name = "mopd-big-" + secrets.token_hex(4)
+    program = (
+        "import os\nfor folder in ['.', '/tmp', '/dev/shm']:\n"
+        "    written = 0\n    try:\n"
+        f"        with open(os.path.join(folder, {name!r}), 'wb') as f:\n"
+        "            while True:\n                written += f.write(b'x' * (1 << 20))\n"
+        "    except OSError as e:\n        print(folder, 'stopped at', written >> 20, 'MiB')\n"
+    )
+    start = time.monotonic()
+    result = run_python(program, limits=Limits(timeout_s=10))
+    assert time.monotonic() - start < BOUND_S
+    assert result.stdout.count("stopped at") == 3, result
+    assert not (Path("/tmp") / name).exists() and not (Path("/dev/shm") / name).exists()
+
+
+def test_writing_and_deleting_outside_the_working_folder(outside, isolation):
+    if not (isolation.namespaces or isolation.dedicated_uid):
+        pytest.skip(f"no file-system isolation on this machine ({isolation.describe()})")
+    marker = "mopd-escape-" + secrets.token_hex(4)
+    program = f"""
+import os, shutil
+done = []
+for action in [
+    lambda: os.remove({str(outside / 'canary.txt')!r}),
+    lambda: open({str(outside / 'canary.txt')!r}, 'w').write('dead'),
+    lambda: open({str(outside / 'new.txt')!r}, 'w').write('new'),
+    lambda: shutil.rmtree({str(outside)!r}),
+    lambda: open('/tmp/{marker}', 'w').write('escaped'),
+    lambda: open('/var/tmp/{marker}', 'w').write('escaped'),
+    lambda: open(os.path.expanduser('~/../{marker}'), 'w').write('escaped'),
+]:
+    try:
+        action()
+        done.append(1)
+    except Exception:
+        pass
+print(len(done))
+"""
+    # Writing inside its own folder and /tmp is allowed (a private tmpfs); none of it may reach the machine.
+    score = score_of(program, "7")
+    assert score.reward == 0.0
+    for folder in ("/tmp", "/var/tmp", "/dev/shm"):
+        assert not (Path(folder) / marker).exists()
+
+
+def test_parent_environment_is_invisible(monkeypatch):
+    secret = "s3cr3t-" + secrets.token_hex(8)
+    monkeypatch.setenv("MOPD_TEST_SECRET", secret)
+    program = (
+        "import os\nfound = ' '.join(os.environ.values())\n"
+        "for pid in ['1', str(os.getppid())] + os.listdir('/proc'):\n"
+        "    try:\n        found += open(f'/proc/{pid}/environ', 'rb').read().decode(errors='replace')\n"
+        "    except Exception:\n        pass\n"
+        f"print({secret!r} if {secret!r} in found else 'nothing')\n"
+    )
+    assert score_of(program, secret).reward == 0.0
+    result = run_python(program)
+    assert result.ok and result.stdout.strip() == "nothing"
+
+
+def test_no_network(isolation):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(TIMEOUT_S + 2)
+    port = server.getsockname()[1]
+    connections = []
+
+    def accept():
+        try:
+            connections.append(server.accept())
+        except OSError:
+            pass
+
+    listener = threading.Thread(target=accept)
+    listener.start()
+    program = (
+        "import socket\ns = socket.create_connection(('127.0.0.1', %d), timeout=1)\n"
+        "s.sendall(b'hello')\nprint('connected')\n" % port
+    )
+    score = score_of(program, "connected")
+    server.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+    server.close()
+    listener.join()
+    assert score.reward == 0.0
+    assert connections == []
+
+
+def test_signalling_the_parent_and_the_test_process():
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        program = (
+            "import os, signal\nhits = 0\n"
+            "for pid, sig in [(os.getppid(), signal.SIGKILL), (%d, signal.SIGTERM), (%d, signal.SIGKILL)]:\n"
+            "    try:\n        os.kill(pid, sig)\n        hits += 1\n    except OSError:\n        pass\n"
+            "print(hits)\n" % (os.getpid(), os.getpid())
+        )
+        # getppid() is 0 inside a fresh PID namespace: kill(0, SIGKILL) takes down only the program's own group.
+        assert score_of(program, "3").reward == 0.0
+        time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert received == []
+
+
+def test_detached_child_does_not_outlive_the_run(outside):
+    sleep_s = 2.0
+    target = outside / "written-by-detached-child.txt"
+    program = f"""
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        time.sleep({sleep_s})
+        for path in [{str(target)!r}, 'still-here.txt', '/tmp/mopd-detached-{secrets.token_hex(4)}']:
+            try:
+                open(path, 'w').write('I survived')
+            except OSError:
+                pass
+        time.sleep(60)
+    os._exit(0)
+print('parent done')
+"""
+    assert score_of(program, "never printed").reward == 0.0
+    time.sleep(sleep_s + 1.0)
+    assert not target.exists()
+    # no_leftover_processes checks that no sandboxed process remains
+
+
+def test_full_isolation_where_the_machine_allows_it(isolation):
+    """As root with working namespaces the sandbox must not silently settle for less."""
+    import shutil
+    import subprocess
+
+    unshare = shutil.which("unshare")
+    if os.geteuid() != 0 or unshare is None:
+        pytest.skip("not root, or no unshare")
+    probe = [unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "true"]
+    if subprocess.run(probe, capture_output=True).returncode != 0:
+        pytest.skip("namespaces are not permitted here")
+    assert isolation.namespaces and isolation.dedicated_uid, isolation.describe()
+    result = run_python("import os; print(os.getuid(), os.getpid(), len([p for p in os.listdir('/proc') if p.isdigit()]))")
+    uid, pid, n_processes = map(int, result.stdout.split())
+    assert uid != 0 and pid == 1 and n_processes == 1
