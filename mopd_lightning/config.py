@@ -130,6 +130,9 @@ class LossConfig:
         topk: null = full vocabulary; k = the student's top-k tokens (100 reproduces the reference code).
         tail: with ``topk``, add one bucket holding the rest of the probability mass.
         is_clip: cap of the importance weight exp(logp - logp_old) when rollouts are reused.
+        backend: ``auto`` (Triton kernels on CUDA, chunked PyTorch elsewhere), ``triton`` or ``torch``.
+        fused_linear: apply the output projection inside the loss, chunk by chunk, so that the full logits
+            never exist (top-k always goes through the logits).
     """
 
     alpha: float = 0.5
@@ -137,12 +140,16 @@ class LossConfig:
     topk: Optional[int] = None
     tail: bool = True
     is_clip: float = 2.0
+    backend: Literal["auto", "triton", "torch"] = "auto"
+    fused_linear: bool = True
 
     def __post_init__(self):
         _require(0 <= self.alpha <= 1, "model.loss.alpha", f"is {self.alpha}; must lie in [0, 1]")
         _require(self.temperature > 0, "model.loss.temperature", "must be positive")
         _require(self.topk is None or self.topk >= 1, "model.loss.topk", "must be null or >= 1")
         _require(self.is_clip >= 1, "model.loss.is_clip", "must be >= 1")
+        _require(self.backend in ("auto", "triton", "torch"), "model.loss.backend",
+                 f"is {self.backend!r}; expected auto, triton or torch")
 
 
 @dataclass

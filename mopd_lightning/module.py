@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 
 from .config import LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig
 from .data.example import Example
-from .loss import distillation_loss
+from .loss import distillation_loss, sampled_token_logprobs
 from .metrics import PassAtK
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer
 from .peers import TeacherContext, build_teacher_contexts
@@ -184,7 +184,20 @@ class MOPDModule(pl.LightningModule):
         return Distillation(contexts, hidden)
 
     def update_student(self, rollouts: Rollouts, distillation: Distillation) -> Dict[str, float]:
-        """Distil on every active response token, then one optimizer step and the EMA update.
+        """``optim.updates_per_batch`` optimizer steps on this batch of rollouts, each followed by the EMA update.
+
+        The first step is exactly on-policy (importance weight 1); later ones reuse the rollouts with the
+        detached, clipped weight ``min(exp(logp - logp_old), loss.is_clip)`` per token.
+        """
+        reuse = self.optim.updates_per_batch > 1
+        old_logp: Optional[Dict[int, torch.Tensor]] = {} if reuse else None
+        for update in range(self.optim.updates_per_batch):
+            stats = self._optimizer_step(rollouts, distillation, old_logp, record_logp=reuse and update == 0)
+        return stats
+
+    def _optimizer_step(self, rollouts: Rollouts, distillation: Distillation,
+                        old_logp: Optional[Dict[int, torch.Tensor]], record_logp: bool) -> Dict[str, float]:
+        """Distil on every active response token, then one optimizer step.
 
         The loss is a token mean over the whole step, across micro-batches and ranks: each micro-batch adds
         its token sum divided by the global token count, so micro-batch size and device count do not matter.
@@ -212,7 +225,7 @@ class MOPDModule(pl.LightningModule):
                     self.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in chosen], lengths,
                     self.tokenizer.pad_token_id)
                 teacher_hidden = torch.cat([distillation.teacher_hidden[r] for r in chosen])
-                weights = torch.ones(student_hidden.shape[0], device=student_hidden.device)
+                weights = self._importance_weights(student_hidden, rollouts, chosen, old_logp, record_logp)
                 loss_sum, entropy_sum = distillation_loss(student_hidden, output_weight(self.student), teacher_hidden,
                                                           teacher_weight, weights, self.loss_config)
                 finite &= bool(torch.isfinite(loss_sum))
@@ -237,6 +250,21 @@ class MOPDModule(pl.LightningModule):
             ema_update(self.teacher, self.student, self.teacher_config.ema_rate)
         stats["grad_norm"] = float(grad_norm)
         return stats
+
+    def _importance_weights(self, student_hidden: torch.Tensor, rollouts: Rollouts, chosen: List[int],
+                            old_logp: Optional[Dict[int, torch.Tensor]], record_logp: bool) -> torch.Tensor:
+        """Per-token weights: exactly 1 on-policy; ``min(exp(logp - logp_old), is_clip)`` on reused rollouts."""
+        ones = torch.ones(student_hidden.shape[0], device=student_hidden.device)
+        if old_logp is None:
+            return ones
+        tokens = torch.cat([torch.tensor(rollouts.response_ids[r]) for r in chosen]).to(student_hidden.device)
+        logp = sampled_token_logprobs(student_hidden, output_weight(self.student), tokens)
+        lengths = [len(rollouts.response_ids[r]) for r in chosen]
+        if record_logp:
+            old_logp.update(zip(chosen, logp.split(lengths)))
+            return ones
+        reference = torch.cat([old_logp[r] for r in chosen])
+        return (logp - reference).exp().clamp(max=self.loss_config.is_clip)
 
     def _all_reduce(self, value: float) -> float:
         if self.trainer.world_size == 1:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mopd_lightning.config import LossConfig
-from mopd_lightning.loss import distillation_loss, token_divergence
+from mopd_lightning.loss import distillation_loss, sampled_token_logprobs
 
 
 def reference(student_logits, teacher_logits, alpha, temperature=1.0, topk=None, tail=True):
@@ -33,59 +33,64 @@ def reference(student_logits, teacher_logits, alpha, temperature=1.0, topk=None,
     return (1 - alpha) * kl(s, m) + alpha * kl(t, m)
 
 
+def make_inputs(n=7, v=50, h=8, seed=0):
+    torch.manual_seed(seed)
+    hidden = (torch.randn(n, h)).requires_grad_()
+    weight = (torch.randn(v, h) * 0.8).requires_grad_()
+    return hidden, weight, torch.randn(n, h), torch.randn(v, h) * 0.8
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
-@pytest.mark.parametrize("topk,tail", [(None, True), (5, True), (5, False)])
+@pytest.mark.parametrize("topk,tail,fused", [(None, True, True), (None, True, False), (5, True, True), (5, False, False)])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_divergence_matches_float64_reference(alpha, topk, tail, temperature):
-    torch.manual_seed(0)
-    student = (torch.randn(7, 50) * 3).requires_grad_()
-    teacher = torch.randn(7, 50) * 3
-    ours = token_divergence(student, teacher, alpha, temperature, topk, tail)
-    student64 = student.detach().double().requires_grad_()
-    ref = reference(student64, teacher, alpha, temperature, topk, tail)
-    torch.testing.assert_close(ours.double(), ref.detach(), rtol=1e-4, atol=1e-6)
-    upstream = torch.rand(7)
-    ours.backward(upstream)
-    ref.backward(upstream.double())
-    torch.testing.assert_close(student.grad.double(), student64.grad, rtol=1e-3, atol=1e-6)
-
-
-def test_divergence_is_zero_for_equal_distributions_and_positive_otherwise():
-    logits = torch.randn(4, 30)
-    for alpha in (0.0, 0.5, 1.0):
-        assert token_divergence(logits, logits, alpha).abs().max() < 1e-6
-        assert (token_divergence(logits, logits + torch.randn(4, 30), alpha) > 0).all()
-
-
-def test_jsd_is_bounded_by_log2():
-    student = torch.tensor([[50.0, -50.0]])
-    teacher = torch.tensor([[-50.0, 50.0]])
-    assert token_divergence(student, teacher, 0.5).item() == pytest.approx(math.log(2), rel=1e-4)
-
-
-def test_masked_tokens_add_nothing_and_get_no_gradient():
-    torch.manual_seed(1)
-    hidden = torch.randn(6, 8, requires_grad=True)
-    weight = torch.randn(40, 8, requires_grad=True)
-    teacher_hidden, teacher_weight = torch.randn(6, 8), torch.randn(40, 8)
-    weights = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
-    loss, _ = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, LossConfig())
-    loss.backward()
-    assert hidden.grad[weights == 0].abs().max() == 0
+def test_loss_matches_float64_reference(alpha, topk, tail, fused, temperature):
+    hidden, weight, teacher_hidden, teacher_weight = make_inputs()
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    config = LossConfig(alpha=alpha, temperature=temperature, topk=topk, tail=tail, fused_linear=fused, backend="torch")
+    loss, entropy = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
+    hidden64 = hidden.detach().double().requires_grad_()
+    weight64 = weight.detach().double().requires_grad_()
     keep = weights.bool()
-    expected = reference(hidden[keep] @ weight.T, teacher_hidden[keep] @ teacher_weight.T, 0.5).sum()
+    per_token = reference(hidden64 @ weight64.T, (teacher_hidden @ teacher_weight.T).double(), alpha, temperature,
+                          topk, tail)
+    expected = per_token[keep].sum()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-3, atol=1e-6)
+    assert hidden.grad[~keep].abs().max() == 0  # masked tokens get no gradient
+    p = torch.softmax(hidden64.detach() @ weight64.detach().T, -1)[keep]
+    torch.testing.assert_close(entropy.double(), -(p * p.log()).sum(), rtol=1e-4, atol=1e-5)
 
 
-def test_neg_inf_teacher_logits_give_finite_loss_and_gradients():
-    student = torch.randn(3, 10, requires_grad=True)
-    teacher = torch.randn(3, 10)
-    teacher[:, :3] = float("-inf")
+def test_fused_and_unfused_paths_agree():
+    hidden, weight, teacher_hidden, teacher_weight = make_inputs(n=33, v=300, h=16, seed=3)
+    weights = torch.rand(33)
+    results = []
+    for fused in (True, False):
+        config = LossConfig(fused_linear=fused, backend="torch")
+        loss, _ = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
+        grads = torch.autograd.grad(loss, (hidden, weight))
+        results.append((loss, *grads))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_divergence_is_zero_for_equal_distributions_and_jsd_is_bounded():
+    hidden, weight, _, _ = make_inputs()
+    ones = torch.ones(7)
     for alpha in (0.0, 0.5, 1.0):
-        loss = token_divergence(student, teacher, alpha).sum()
-        if alpha == 1.0:  # reverse KL is infinite where the student has mass and the teacher has none
-            assert torch.isinf(loss)
-            continue
-        loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
-        student.grad = None
+        loss, _ = distillation_loss(hidden, weight, hidden.detach(), weight.detach(), ones, LossConfig(alpha=alpha))
+        assert abs(loss.item()) < 1e-5
+    one = torch.ones(1, 1)  # H = 1: the logits are the weights, [30, -30] against [-30, 30]
+    jsd, _ = distillation_loss(one, torch.tensor([[30.0], [-30.0]]), one, torch.tensor([[-30.0], [30.0]]),
+                               torch.ones(1), LossConfig())
+    assert jsd.item() == pytest.approx(math.log(2), rel=1e-4)
+
+
+def test_sampled_token_logprobs():
+    hidden, weight, _, _ = make_inputs()
+    tokens = torch.randint(0, 50, (7,))
+    expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, tokens[:, None])[:, 0]
+    torch.testing.assert_close(sampled_token_logprobs(hidden, weight, tokens, chunk=3), expected.detach())

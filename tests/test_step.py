@@ -144,3 +144,21 @@ def test_validation_reports_mean_and_pass_at_k(tiny_model):
     loader = DataLoader(examples(4), batch_size=2, collate_fn=lambda b: b)
     metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     assert 0 <= metrics["val/mean@4"] <= metrics["val/pass@4"] <= 1
+
+
+def test_reused_rollouts_get_clipped_importance_weights(tiny_model, monkeypatch):
+    import mopd_lightning.module as module_file
+
+    seen = []
+    real_loss = module_file.distillation_loss
+
+    def recording_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config):
+        seen.append(weights.clone())
+        return real_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config)
+
+    monkeypatch.setattr(module_file, "distillation_loss", recording_loss)
+    module = make(tiny_model, optim=OptimConfig(lr=5e-2, updates_per_batch=2, max_tokens_per_micro_batch=100_000))
+    trainer = run(module, steps=2)
+    assert trainer.global_step == 2 and len(seen) == 2  # one batch, two optimizer steps
+    assert torch.equal(seen[0], torch.ones_like(seen[0]))  # on-policy: exactly 1
+    assert not torch.equal(seen[1], seen[0]) and seen[1].max() <= module.loss_config.is_clip
