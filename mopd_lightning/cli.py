@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import warnings
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -23,8 +24,16 @@ def default_loggers() -> list:
     return loggers
 
 
+# Lightning warnings that do not apply here: the teacher is kept in eval mode on purpose, the training stream
+# runs in the main process, and its position is saved by PromptDataModule.state_dict, not by the DataLoader.
+QUIET = [r".*module\(s\) in eval mode.*", r".*IterableDataset. has .__len__. defined.*",
+         r".*your dataloader is not resumable.*"]
+
+
 def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for pattern in QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
     LightningCLI(
         MOPDModule,
         PromptDataModule,

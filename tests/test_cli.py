@@ -107,3 +107,12 @@ def test_external_teacher_with_another_vocabulary_fails_before_loading(tiny_mode
 def test_print_config(tmp_path):
     result = mopd("fit", "--config", CONFIG, "--print_config", cwd=tmp_path)
     assert "n_success: 2" in result.stdout and "kind: ema" in result.stdout
+
+
+def test_validate_and_test_report_mean_and_pass_at_k(tiny_model, tmp_path):
+    for command in ("validate", "test"):
+        result = mopd(command, "--config", CONFIG, "--model.model", tiny_model, "--model.sampling.max_new_tokens", "4",
+                      "--data.num_val", "4", "--data.num_test", "4", "--trainer.limit_val_batches", "1",
+                      "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+        stage = "val" if command == "validate" else "test"
+        assert f"{stage}/mean@4" in result.stdout and f"{stage}/pass@4" in result.stdout
