@@ -17,7 +17,9 @@ from .module import MOPDModule
 
 
 def default_loggers() -> list:
-    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}}]
+    # Flushed every step: a CPU step takes seconds, and users watch metrics.csv during the run.
+    loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                "init_args": {"save_dir": "runs", "name": "csv", "flush_logs_every_n_steps": 1}}]
     if importlib.util.find_spec("tensorboard") is not None:
         loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                         "init_args": {"save_dir": "runs", "name": "tensorboard"}})
