@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from . import science
+from . import code, math, science, tool
 from .example import Example
+from .verl import accepting_verl
 
 RowConverter = Callable[[Mapping[str, Any], str, Optional[str]], Optional[Example]]
 EmbeddedBuilder = Callable[[str, int, Optional[str]], List[Example]]
@@ -15,26 +17,58 @@ EmbeddedBuilder = Callable[[str, int, Optional[str]], List[Example]]
 @dataclass(frozen=True)
 class Domain:
     """``embedded(split, seed, system_prompt)`` builds one split of the packaged data (splits never share a
-    question); ``from_row`` reads one user row, returning None for a kind the domain does not train on."""
+    question); ``from_row`` reads one user row, returning None for a kind the domain does not train on.
+    Every domain also reads verl-layout rows (``prompt``, ``reward_model.ground_truth``, ``data_source``)."""
 
     embedded: EmbeddedBuilder
     from_row: RowConverter
+
+
+def _take(examples: List[Example], sizes: Dict[str, Optional[int]], split: str) -> List[Example]:
+    """Consecutive slices of ``examples``, one per split in the order of ``sizes`` (None: all the rest)."""
+    start = 0
+    for name, size in sizes.items():
+        end = len(examples) if size is None else start + size
+        if name == split:
+            return examples[start:end]
+        start = end
+    raise ValueError(f"unknown split {split!r}; expected one of {list(sizes)}")
 
 
 def _embedded_science(split: str, seed: int, system_prompt: Optional[str]) -> List[Example]:
     sizes = {"train": 500, "validation": 100, "test": 100}
     # One generation, then sliced: the generator never repeats a question, so the splits are disjoint.
     examples = science.generate_science(sum(sizes.values()), seed, system_prompt, prefix="sci")
-    start = 0
-    for name, size in sizes.items():
-        if name == split:
-            return examples[start:start + size]
-        start += size
-    raise ValueError(f"unknown split {split!r}")
+    return _take(examples, sizes, split)
+
+
+def _embedded_math(split: str, seed: int, system_prompt: Optional[str]) -> List[Example]:
+    sizes = {"train": 500, "validation": 100, "test": 100}
+    return _take(math.generate_math(sum(sizes.values()), seed, system_prompt), sizes, split)
+
+
+def _shuffled(examples: List[Example], seed: int) -> List[Example]:
+    random.Random(seed).shuffle(examples)
+    return examples
+
+
+def _embedded_code(split: str, seed: int, system_prompt: Optional[str]) -> List[Example]:
+    # HumanEval's 164 problems, shuffled by the seed: 124 train / 20 validation / 20 test.
+    sizes = {"validation": 20, "test": 20, "train": None}
+    return _take(_shuffled(code.embedded_humaneval(system_prompt), seed), sizes, split)
+
+
+def _embedded_tool(split: str, seed: int, system_prompt: Optional[str]) -> List[Example]:
+    # BFCL simple/multiple/parallel with possible answers (each request once), shuffled by the seed.
+    sizes = {"validation": 100, "test": 100, "train": None}
+    return _take(_shuffled(tool.embedded_bfcl(system_prompt), seed), sizes, split)
 
 
 DOMAINS: Dict[str, Domain] = {
-    "sci": Domain(_embedded_science, science.sciknoweval_example),
+    "sci": Domain(_embedded_science, accepting_verl(science.sciknoweval_example)),
+    "math": Domain(_embedded_math, accepting_verl(math.math_example)),
+    "code": Domain(_embedded_code, accepting_verl(code.code_example)),
+    "tool": Domain(_embedded_tool, accepting_verl(tool.tool_example)),
 }
 
 
