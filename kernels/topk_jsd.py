@@ -65,7 +65,7 @@ def topk_jsd_rows_torch(student, teacher, row_weight, alpha, temperature, grad_o
     cdt = compute_dtype(student.dtype)
     inv_temp = 1.0 / float(temperature)
     want_grad = grad_out is not None
-    rows = rows_per_chunk(n, v * torch.finfo(cdt).bits // 8 * TEMPS_PER_ROW, chunk_bytes)
+    rows = rows_per_chunk(n, v * torch.finfo(cdt).bits // 8 * (TEMPS_PER_ROW + 3), chunk_bytes)  # + scatter copies
 
     def chunk_fn(s, t, w, out):
         loss, g = _chunk(s, t, alpha, inv_temp, cdt, topk, tail, want_grad)

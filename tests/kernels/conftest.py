@@ -13,19 +13,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from mopd_kernels import HAS_TRITON  # noqa: E402
-from mopd_kernels._common import interpreter_on  # noqa: E402
-
-TRITON_OK = HAS_TRITON and (torch.cuda.is_available() or interpreter_on())
-BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
-    not TRITON_OK, reason="triton missing, or imported before TRITON_INTERPRET=1 on a CPU-only machine "
-                          "(run `TRITON_INTERPRET=1 pytest tests/kernels`)"))]
-
-
-def device_for(backend: str) -> str:
-    """Triton runs on CUDA when there is one, else on CPU tensors under the interpreter."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
-
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():

@@ -1,9 +1,21 @@
 """Compare mopd_kernels against the float64 eager reference, forward and backward."""
 
+import pytest
 import torch
 
-from mopd_kernels import generalized_jsd
+from mopd_kernels import HAS_TRITON, generalized_jsd
+from mopd_kernels._common import interpreter_on
 from mopd_kernels.reference import generalized_jsd_reference
+
+TRITON_OK = HAS_TRITON and (torch.cuda.is_available() or interpreter_on())
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not TRITON_OK, reason="triton missing, or imported before TRITON_INTERPRET=1 on a CPU-only machine "
+                          "(run `TRITON_INTERPRET=1 pytest tests/kernels`)"))]
+
+
+def device_for(backend: str) -> str:
+    """Triton runs on CUDA when there is one, else on CPU tensors under the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def loss_and_grad(fn, student, teacher, upstream=None, **kwargs):

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import BACKENDS, device_for
-from kernel_helpers import assert_close_scaled
+from kernel_helpers import BACKENDS, assert_close_scaled, device_for
 
 from mopd_kernels import fused_linear_generalized_jsd
 from mopd_kernels.fused_linear_jsd import chunk_rows

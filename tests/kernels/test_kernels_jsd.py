@@ -6,10 +6,10 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import BACKENDS, TRITON_OK, device_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kernel_helpers import assert_close_scaled, assert_matches_reference, loss_and_grad
+from kernel_helpers import (BACKENDS, TRITON_OK, assert_close_scaled, assert_matches_reference, device_for,
+                            loss_and_grad)
 
 from mopd_kernels import generalized_jsd
 from mopd_kernels._torch_jsd import jsd_rows_torch
