@@ -27,9 +27,10 @@ def default_loggers() -> list:
 
 
 # Lightning warnings that do not apply here: the teacher is kept in eval mode on purpose, the training stream
-# runs in the main process, and its position is saved by PromptDataModule.state_dict, not by the DataLoader.
+# runs in the main process, its position is saved by PromptDataModule.state_dict (not by the DataLoader), and
+# a checkpoint is meant to hold the weights after the step.
 QUIET = [r".*module\(s\) in eval mode.*", r".*IterableDataset. has .__len__. defined.*",
-         r".*your dataloader is not resumable.*"]
+         r".*your dataloader is not resumable.*", r".*no pre-optimization state was saved.*"]
 
 
 def main(args=None) -> None:
