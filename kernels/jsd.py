@@ -32,6 +32,19 @@ if HAS_TRITON:
     _FLOOR = tl.constexpr(-104.0)  # below log(min float32 subnormal): clamps log M only where M underflowed
 
     @triton.jit
+    def _block_log_probs(s_row, t_row, cols, mask, inv_temp, lse_s, lse_t, MODE: tl.constexpr):
+        """Student and teacher log-probabilities of one vocabulary block, with MODE's support rule applied
+        (forward KL drops entries the student bans, reverse KL those the teacher bans)."""
+        NEG_INF: tl.constexpr = float("-inf")
+        s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temp
+        t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temp
+        if MODE == 0:
+            t = tl.where(s == NEG_INF, NEG_INF, t)
+        if MODE == 1:
+            s = tl.where(t == NEG_INF, NEG_INF, s)
+        return tl.maximum(s - lse_s, _NEG_LOG), tl.maximum(t - lse_t, _NEG_LOG)
+
+    @triton.jit
     def _gjsd_kernel(
         S_ptr, s_stride, T_ptr, t_stride, G_ptr, g_stride, LOSS_ptr, W_ptr,
         V, inv_temp, alpha,
@@ -90,14 +103,7 @@ if HAS_TRITON:
             for off in range(0, V, BLOCK):
                 cols = off + offs
                 mask = cols < V
-                s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temp
-                t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temp
-                if MODE == 0:
-                    t = tl.where(s == NEG_INF, NEG_INF, t)
-                if MODE == 1:
-                    s = tl.where(t == NEG_INF, NEG_INF, s)
-                log_s = tl.maximum(s - lse_s, _NEG_LOG)
-                log_t = tl.maximum(t - lse_t, _NEG_LOG)
+                log_s, log_t = _block_log_probs(s_row, t_row, cols, mask, inv_temp, lse_s, lse_t, MODE)
                 p_s = tl.exp(log_s)
                 if MODE == 0:
                     p_t = tl.exp(log_t)
@@ -122,12 +128,7 @@ if HAS_TRITON:
                 for off in range(0, V, BLOCK):
                     cols = off + offs
                     mask = cols < V
-                    s = tl.load(s_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temp
-                    t = tl.load(t_row + cols, mask=mask, other=NEG_INF).to(tl.float32) * inv_temp
-                    if MODE == 1:
-                        s = tl.where(t == NEG_INF, NEG_INF, s)
-                    log_s = tl.maximum(s - lse_s, _NEG_LOG)
-                    log_t = tl.maximum(t - lse_t, _NEG_LOG)
+                    log_s, log_t = _block_log_probs(s_row, t_row, cols, mask, inv_temp, lse_s, lse_t, MODE)
                     p_s = tl.exp(log_s)
                     if MODE == 1:
                         g = p_s * (log_s - log_t - kl_a)

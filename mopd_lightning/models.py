@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-from typing import Optional
 
 import torch
 
@@ -54,12 +53,8 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
     return model
 
 
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str,
-                          student_vocab_size: Optional[int] = None, teacher_vocab_size: Optional[int] = None) -> None:
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str) -> None:
     """An external teacher must share the student's tokenizer: the loss compares distributions token by token."""
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
         raise ValueError(f"model.teacher.path: the tokenizer of {teacher_name!r} differs from the student's; "
                          "token-level distillation needs the same vocabulary")
-    if student_vocab_size is not None and teacher_vocab_size is not None and student_vocab_size != teacher_vocab_size:
-        raise ValueError(f"model.teacher.path: {teacher_name!r} has an output vocabulary of {teacher_vocab_size} "
-                         f"rows, the student {student_vocab_size}")

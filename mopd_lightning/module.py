@@ -108,8 +108,10 @@ class MOPDModule(pl.LightningModule):
         self.teacher = make_teacher(self.student, self.teacher_config,
                                     lambda path: load_causal_lm(path, self.dtype_name, self.attn))
         if self.teacher is not None and self.teacher_config.kind == "external":
-            check_same_vocabulary(self.tokenizer, self.tokenizer, self.teacher_config.path,
-                                  output_weight(self.student).shape[0], output_weight(self.teacher).shape[0])
+            rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
+            if rows[0] != rows[1]:
+                raise ValueError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
+                                 f"{rows[1]} rows, the student {rows[0]}")
 
     @property
     def scoring_teacher(self) -> torch.nn.Module:
