@@ -1,19 +1,71 @@
 """The ``mopd`` command: LightningCLI over ``MOPDModule`` and ``PromptDataModule``.
 
-``mopd fit --config configs/sci.yaml`` trains; ``validate`` and ``test`` evaluate; ``--print_config`` shows
-every setting with its default. Logs go to CSV, and to TensorBoard as well when it is installed.
+``mopd fit --config configs/sci.yaml`` trains; ``validate`` and ``test`` evaluate; ``analyze`` runs the
+teacher-signal analysis on validation prompts; ``--print_config`` shows every setting with its default. Logs
+go to CSV, and to TensorBoard as well when it is installed.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 import warnings
+from typing import Any, Dict, List, Optional
 
+import torch
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from .analysis import CONTEXT_VARIANTS, summarize, write_report
 from .data import PromptDataModule
 from .module import MOPDModule
+
+log = logging.getLogger(__name__)
+
+
+class MOPDTrainer(Trainer):
+    """Lightning's Trainer plus ``analyze``."""
+
+    def analyze(self, model: MOPDModule, datamodule: Optional[PromptDataModule] = None,
+                ckpt_path: Optional[str] = None, output_dir: str = "runs/analysis",
+                variants: Optional[List[str]] = None, bootstrap: int = 1000) -> Dict[str, Any]:
+        """Teacher-signal analysis: does a peer context tell the teacher which rollouts are right?
+
+        Samples groups for the validation prompts (``data.val``, ``data.num_val``), verifies them, and scores
+        every rollout under each context variant; writes analysis.json, analysis.md and analysis.png.
+
+        Args:
+            model: the student (and its teacher) to analyse.
+            datamodule: where the validation prompts come from.
+            ckpt_path: a training checkpoint to analyse instead of the initial weights.
+            output_dir: folder for the report.
+            variants: context variants to score (default: all of none, 1S, 2S, 1F, 1S1F, 2S1F and the controls
+                random_peer, unrelated_prompt, swapped_labels, success_only_matched).
+            bootstrap: bootstrap resamples for the 95% intervals.
+        """
+        variants = list(variants or CONTEXT_VARIANTS)
+        unknown = [v for v in variants if v not in CONTEXT_VARIANTS]
+        if unknown:
+            raise ValueError(f"analyze.variants: unknown {unknown}; known: {', '.join(CONTEXT_VARIANTS)}")
+        model.analysis_variants = variants
+        started = time.perf_counter()
+        batches = self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=True) or []
+        records = [record for batch in batches for record in batch]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: List[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, records)
+            records = [record for part in gathered for record in part]
+        summary = summarize(records, variants, samples=bootstrap, seed=model.seed)
+        if self.is_global_zero:
+            meta = {"student": model.student_name, "ckpt_path": ckpt_path, "group_size": model.sampling.group_size,
+                    "temperature": model.sampling.temperature, "max_new_tokens": model.sampling.max_new_tokens,
+                    "verifier": vars(model.verifier), "teacher": model.teacher_config.kind,
+                    "wall_s": time.perf_counter() - started}
+            folder = write_report(summary, records, output_dir, meta)
+            print((folder / "analysis.md").read_text())
+            log.info("teacher-signal analysis written to %s", folder)
+        return summary
 
 
 def default_loggers() -> list:
@@ -24,6 +76,12 @@ def default_loggers() -> list:
         loggers.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                         "init_args": {"save_dir": "runs", "name": "tensorboard"}})
     return loggers
+
+
+class MOPDCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> Dict[str, set]:
+        return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}}
 
 
 # Lightning warnings that do not apply here: the teacher is kept in eval mode on purpose, the training stream
@@ -37,9 +95,10 @@ def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    LightningCLI(
+    MOPDCLI(
         MOPDModule,
         PromptDataModule,
+        trainer_class=MOPDTrainer,
         args=args,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},  # re-running in the same folder must not fail

@@ -25,8 +25,9 @@ class SamplingConfig:
         top_p: nucleus sampling mass; 1.0 disables it.
         top_k: sample only among the k most likely tokens; 0 disables it.
         max_new_tokens: longest response (paper: 4096).
-        val_samples: rollouts per prompt at validation/test (k of mean@k and pass@k).
-        val_temperature: sampling temperature at validation/test.
+        val_greedy: also decode one greedy answer per prompt at validation/test (``greedy_acc``).
+        val_samples: sampled rollouts per prompt at validation/test (k of mean@k and pass@k); 0 = none.
+        val_temperature: sampling temperature of those k rollouts (greedy decoding is ``val_greedy``).
     """
 
     group_size: int = 4
@@ -34,6 +35,7 @@ class SamplingConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int = 64
+    val_greedy: bool = True
     val_samples: int = 4
     val_temperature: float = 1.0
 
@@ -44,8 +46,14 @@ class SamplingConfig:
         _require(0 < self.top_p <= 1, "model.sampling.top_p", "must lie in (0, 1]")
         _require(self.top_k >= 0, "model.sampling.top_k", "must be >= 0")
         _require(self.max_new_tokens >= 1, "model.sampling.max_new_tokens", "must be >= 1")
-        _require(self.val_samples >= 1, "model.sampling.val_samples", "must be >= 1")
-        _require(self.val_temperature > 0, "model.sampling.val_temperature", "must be positive")
+        _require(self.val_samples >= 0, "model.sampling.val_samples", "must be >= 0")
+        _require(self.val_greedy or self.val_samples > 0, "model.sampling",
+                 "val_greedy is false and val_samples is 0: validation would measure nothing")
+        _require(self.val_temperature > 0, "model.sampling.val_temperature",
+                 "must be positive; greedy evaluation is model.sampling.val_greedy")
+
+
+PEER_CONTEXTS = ("peers", "none", "random_peer", "unrelated_prompt", "swapped_labels", "success_only_matched")
 
 
 @dataclass
@@ -57,7 +65,11 @@ class PeerConfig:
         n_failure: failed peers per context, at most (2S1F: 1).
         failure_when: ``always`` includes failures whenever there are any; ``when_no_success`` only when the
             group holds no other success.
-        success_threshold: a rollout with reward >= this is a success.
+        context: ``peers`` (the method) or an ablation control: ``none`` (the teacher sees the plain prompt),
+            ``random_peer`` (n_success + n_failure peers drawn ignoring the verifier, shown with their labels),
+            ``unrelated_prompt`` (the success peers come from other prompts of the batch),
+            ``swapped_labels`` (peers chosen and shown as if every label were flipped),
+            ``success_only_matched`` (the failure slots filled with further successes).
         max_peer_tokens: token budget per peer; longer peers lose their middle (a marker shows where).
         include_feedback: add each peer's verifier feedback (off by default, and reported in the logs).
         success_template: block for one successful peer; ``{response}`` is the peer's answer.
@@ -70,7 +82,8 @@ class PeerConfig:
     n_success: int = 2
     n_failure: int = 1
     failure_when: Literal["always", "when_no_success"] = "always"
-    success_threshold: float = 0.5
+    context: Literal["peers", "none", "random_peer", "unrelated_prompt", "swapped_labels",
+                     "success_only_matched"] = "peers"
     max_peer_tokens: int = 256
     include_feedback: bool = False
     success_template: str = "Here is a correct solution from another attempt:\n{response}\n\n"
@@ -84,8 +97,11 @@ class PeerConfig:
 
     def __post_init__(self):
         _require(self.n_success >= 0 and self.n_failure >= 0, "model.peers", "n_success and n_failure must be >= 0")
-        _require(self.n_success + self.n_failure >= 1, "model.peers",
-                 "n_success and n_failure are both 0: MOPD needs at least one peer per teacher context")
+        _require(self.context in PEER_CONTEXTS, "model.peers.context",
+                 f"is {self.context!r}; expected one of {', '.join(PEER_CONTEXTS)}")
+        _require(self.n_success + self.n_failure >= 1 or self.context == "none", "model.peers",
+                 "n_success and n_failure are both 0: a teacher context needs at least one peer "
+                 "(model.peers.context: none shows the teacher the plain prompt)")
         _require(self.failure_when in ("always", "when_no_success"), "model.peers.failure_when",
                  f"is {self.failure_when!r}; expected 'always' or 'when_no_success'")
         _require(self.max_peer_tokens >= 8, "model.peers.max_peer_tokens", "must be at least 8")
@@ -94,6 +110,24 @@ class PeerConfig:
         _require("{feedback}" in self.feedback_template, "model.peers.feedback_template", "must contain {feedback}")
         for key in ("{question}", "{peers}"):
             _require(key in self.context_template, "model.peers.context_template", f"must contain {key}")
+
+
+@dataclass
+class VerifierConfig:
+    """What counts as a success; decided once per rollout, for training and evaluation alike.
+
+    Attributes:
+        strict: only the answer format the prompt asks for counts (``<answer>X</answer>`` for sci,
+            ``\\boxed{}`` for math), as in the reference implementation; false also reads bare letters,
+            "the answer is ..." and last numbers.
+        success_threshold: a rollout with reward >= this is a success (peers, advantages, pass@k, the analysis).
+    """
+
+    strict: bool = True
+    success_threshold: float = 0.5
+
+    def __post_init__(self):
+        _require(0 < self.success_threshold <= 1, "model.verifier.success_threshold", "must lie in (0, 1]")
 
 
 @dataclass
@@ -153,23 +187,49 @@ class LossConfig:
 
 
 @dataclass
+class GRPOConfig:
+    """The group-relative policy-gradient objective (method ``grpo``, or blended into a distillation method).
+
+    Attributes:
+        weight: lambda of the blend ``lambda * GRPO + (1 - lambda) * distillation`` for methods mopd, opd and
+            teacher_opd (each part a token mean over its own rollouts); 0 = pure distillation.
+        clip_eps: PPO clip range of the ratio exp(logp - logp_old).
+        scale_rewards: advantages ``(r - mean) / (std + eps)`` over the group; false: ``r - mean``.
+        std_eps: the eps added to the group's (sample) standard deviation.
+        kl_coef: weight of the k3 estimate of KL(student || initial student); 0 = no reference model.
+    """
+
+    weight: float = 0.0
+    clip_eps: float = 0.2
+    scale_rewards: bool = True
+    std_eps: float = 1e-4
+    kl_coef: float = 0.0
+
+    def __post_init__(self):
+        _require(0 <= self.weight <= 1, "model.grpo.weight", f"is {self.weight}; must lie in [0, 1]")
+        _require(0 < self.clip_eps < 1, "model.grpo.clip_eps", "must lie in (0, 1)")
+        _require(self.std_eps > 0, "model.grpo.std_eps", "must be positive")
+        _require(self.kl_coef >= 0, "model.grpo.kl_coef", "must be >= 0")
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and the shape of one update.
 
     Attributes:
         lr: AdamW learning rate (paper: 1e-6 on 4-8B models).
-        weight_decay: AdamW weight decay.
+        weight_decay: AdamW weight decay (as the reference: 0.01).
         betas: AdamW betas.
-        warmup_steps: linear warm-up of the learning rate.
+        warmup_steps: linear warm-up of the learning rate over this many optimizer steps (as the reference: 10).
         grad_clip: clip the global gradient norm to this; 0 disables clipping.
         max_tokens_per_micro_batch: padded tokens (rows x longest row) per forward/backward; bounds memory.
         updates_per_batch: optimizer steps on each batch of rollouts (>1 reuses rollouts, with importance weights).
     """
 
     lr: float = 1e-5
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
     betas: tuple = (0.9, 0.999)
-    warmup_steps: int = 0
+    warmup_steps: int = 10
     grad_clip: float = 1.0
     max_tokens_per_micro_batch: int = 4096
     updates_per_batch: int = 1

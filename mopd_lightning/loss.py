@@ -1,4 +1,5 @@
-"""The token-level distillation loss of a micro-batch, on top of ``mopd_kernels``.
+"""Token-level quantities from final hidden states: the distillation loss (on top of ``mopd_kernels``), the
+log-probabilities of the sampled tokens and the student's entropy.
 
 Per token, with S and T the student and teacher distributions (both logits divided by ``temperature``):
 ``alpha = 0`` is forward KL(T || S), ``alpha = 1`` reverse KL(S || T), and in between the generalized
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.utils.checkpoint
 from mopd_kernels import fused_linear_generalized_jsd, generalized_jsd
 
 from .config import LossConfig
@@ -19,35 +21,45 @@ from .config import LossConfig
 
 def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                       teacher_weight: torch.Tensor, weights: torch.Tensor, config: LossConfig
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sum over tokens of ``weights * divergence``, and the summed student entropy (no gradient) of the
-    tokens with non-zero weight."""
+                      ) -> torch.Tensor:
+    """Sum over tokens of ``weights * divergence``."""
     common = dict(alpha=config.alpha, temperature=config.temperature, weights=weights, reduction="sum",
                   backend=config.backend)
     if config.fused_linear and config.topk is None:
-        loss = fused_linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, **common)
-    else:  # top-k needs the student's logits to pick its tokens
-        with torch.no_grad():
-            teacher_logits = teacher_hidden @ teacher_weight.T
-        loss = generalized_jsd(student_hidden @ student_weight.T, teacher_logits, topk=config.topk, tail=config.tail,
-                               **common)
-    return loss, student_entropy_sum(student_hidden, student_weight, weights != 0)
+        return fused_linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, **common)
+    # top-k needs the student's logits to pick its tokens
+    with torch.no_grad():
+        teacher_logits = teacher_hidden @ teacher_weight.T
+    return generalized_jsd(student_hidden @ student_weight.T, teacher_logits, topk=config.topk, tail=config.tail,
+                           **common)
 
 
 @torch.no_grad()
-def student_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """Summed entropy of the student's next-token distributions at the masked-in positions, chunk by chunk."""
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for rows in hidden[mask].split(chunk):
+def entropy_and_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int = 512
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per position: the entropy of the next-token distribution and log p(token), chunk by chunk, no gradient."""
+    entropy, logp = [], []
+    for rows, ids in zip(hidden.split(chunk), tokens.split(chunk)):
         log_p = (rows @ weight.T).float().log_softmax(-1)
-        total += -(log_p.exp() * log_p).nan_to_num().sum()
-    return total
+        entropy.append(-(log_p.exp() * log_p).nan_to_num().sum(-1))
+        logp.append(log_p.gather(-1, ids[:, None])[:, 0])
+    return torch.cat(entropy), torch.cat(logp)
 
 
-@torch.no_grad()
-def sampled_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int = 512
-                           ) -> torch.Tensor:
-    """log p(token) under the student (temperature 1) at each position, chunk by chunk; for importance weights."""
-    out = [(rows @ weight.T).float().log_softmax(-1).gather(-1, ids[:, None])[:, 0]
-           for rows, ids in zip(hidden.split(chunk), tokens.split(chunk))]
-    return torch.cat(out)
+def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return (hidden @ weight.T).float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """log p(token) at each position (temperature 1), differentiable, chunk by chunk.
+
+    With a graph, each chunk is recomputed in the backward pass instead of keeping its ``(chunk, V)``
+    log-softmax: memory stays at one chunk of logits, whatever the number of tokens.
+    """
+    parts = []
+    for rows, ids in zip(hidden.split(chunk), tokens.split(chunk)):
+        if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):
+            parts.append(torch.utils.checkpoint.checkpoint(_token_logprobs, rows, weight, ids, use_reentrant=False))
+        else:
+            parts.append(_token_logprobs(rows, weight, ids))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)

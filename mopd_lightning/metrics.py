@@ -1,8 +1,10 @@
-"""Validation metrics over k samples per prompt, as torchmetrics (they synchronise across ranks)."""
+"""What is logged: validation metrics over k samples per prompt (torchmetrics, synchronised across ranks) and
+the per-step training metrics."""
 
 from __future__ import annotations
 
 import math
+from typing import Any, Dict, List
 
 import torch
 from torchmetrics import Metric
@@ -33,3 +35,46 @@ class PassAtK(Metric):
 
     def compute(self) -> torch.Tensor:
         return (self.total / self.prompts.clamp(min=1)).float()
+
+
+def training_metrics(rollouts, signal, names: List[str], weights: List[float], stats: Dict[str, Any],
+                     totals: Dict[str, Any], timer, skipped_steps: int, feedback_in_context: bool) -> Dict[str, float]:
+    """The numbers logged after every training step, the same for every method (so runs compare line by line).
+
+    ``totals`` holds the loss and entropy sums already summed over ranks; the rest is this rank's.
+    """
+    losses = [total / max(n, 1.0) for total, n in zip(totals["loss_sums"], stats["normalisers"])]
+    response_tokens = sum(map(len, rollouts.response_ids))
+    metrics = {
+        "train/reward": sum(rollouts.reward) / len(rollouts),
+        "train/success_rate": sum(rollouts.success) / len(rollouts),
+        "train/mixed_group_fraction": rollouts.mixed_group_fraction,
+        "train/active_fraction": stats["forward_rows"] / len(rollouts),
+        "train/loss": sum(w * loss for w, loss in zip(weights, losses)),
+        "train/entropy": totals["entropy_sum"] / max(totals["entropy_tokens"], 1.0),
+        "train/response_len": response_tokens / len(rollouts),
+        "train/finished_fraction": sum(rollouts.finished) / len(rollouts),
+        "train/skipped_steps": float(skipped_steps),
+        "time/step_s": timer.total,
+        "throughput/tokens_per_s": response_tokens / max(timer.total, 1e-9),
+        **{f"time/{name}_s": seconds for name, seconds in timer.seconds.items()},
+    }
+    if len(names) > 1:
+        metrics.update({f"train/loss_{name}": loss for name, loss in zip(names, losses)})
+    if signal.contexts is not None:
+        contexts = signal.contexts
+        active = [c for c in contexts if c.active]
+        prompt_lengths = [len(c.prompt_ids) for c in active] or [0]
+        peers_total = sum(len(c.peers) for c in contexts)
+        metrics.update({
+            "train/peers_per_context": peers_total / len(contexts),
+            "train/teacher_prompt_len_mean": sum(prompt_lengths) / len(prompt_lengths),
+            "train/teacher_prompt_len_max": float(max(prompt_lengths)),
+            "train/peer_truncation_fraction": sum(c.truncated_peers for c in contexts) / max(peers_total, 1),
+            "train/feedback_in_context": float(feedback_in_context),
+        })
+    if signal.advantages is not None:
+        metrics["train/advantage_abs_mean"] = sum(map(abs, signal.advantages)) / len(signal.advantages)
+    if "grad_norm" in stats:
+        metrics["train/grad_norm"] = stats["grad_norm"]
+    return metrics

@@ -1,112 +1,126 @@
-"""``MOPDModule``: one MOPD step per batch of prompts (sample, verify, peer contexts, teacher, distil, update).
+"""``MOPDModule``: one step per batch of prompts (sample, verify, teacher, update the student).
 
-``training_step`` reads as the algorithm; each phase lives in its own module:
-sampling (``sampling.py``), verification (``rewards/``), peer contexts (``peers.py``), teacher
-(``teacher.py``), forward passes (``scoring.py``) and the loss (``loss.py``).
+``training_step`` reads as the algorithm; each phase lives in its own module: sampling (``sampling.py``),
+verification (``rewards/``), peer contexts (``peers.py``), teacher (``teacher.py``), forward passes
+(``scoring.py``), and the per-token objective of each method (``objectives.py``, chosen in ``methods.py``).
+The update loop here is shared by every method.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import lightning.pytorch as pl
 import torch
 from torchmetrics import MeanMetric
 
-from .config import LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig
+from .analysis import CONTEXT_VARIANTS, teacher_signal_records
+from .config import GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig
 from .data.example import Example
-from .loss import distillation_loss, sampled_token_logprobs
-from .metrics import PassAtK
+from .loss import entropy_and_logprobs
+from .methods import MethodName, build_method
+from .metrics import PassAtK, training_metrics
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer
-from .peers import TeacherContext, build_teacher_contexts
-from .rewards import Score, verify_batch
-from .sampling import Rollouts, sample_groups, stable_seed
-from .scoring import output_weight, plan_micro_batches, response_hidden_states
+from .objectives import MicroBatch, TrainingSignal, group_advantages
+from .peers import build_teacher_contexts
+from .rewards import get_verifier, verify_batch
+from .rollouts import Rollouts
+from .sampling import sample_groups, stable_seed
+from .scoring import output_weight, plan_micro_batches, response_hidden_states, score_rollouts
 from .teacher import ema_update, make_teacher
 from .timing import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Distillation:
-    """What the student update needs: per-rollout teacher prompts and the teacher's hidden states."""
-
-    contexts: List[TeacherContext]
-    teacher_hidden: Dict[int, torch.Tensor]  # rollout index -> (response tokens, H)
-
-    @property
-    def active(self) -> List[int]:
-        return [r for r, c in enumerate(self.contexts) if c.active]
-
-
 class MOPDModule(pl.LightningModule):
     def __init__(
         self,
-        model: str = "demo",
+        student: str = "demo",
+        method: MethodName = "mopd",
         dtype: str = "float32",
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
         sampling: SamplingConfig = SamplingConfig(),
+        verifier: VerifierConfig = VerifierConfig(),
         peers: PeerConfig = PeerConfig(),
         teacher: TeacherConfig = TeacherConfig(),
         loss: LossConfig = LossConfig(),
+        grpo: GRPOConfig = GRPOConfig(),
         optim: OptimConfig = OptimConfig(),
         seed: int = 0,
         export_dir: Optional[str] = None,
+        model: Optional[str] = None,
     ):
         """
         Args:
-            model: the student: ``demo`` (embedded SmolLM2-135M-Instruct), a hub id or a local checkpoint.
+            student: the model trained: ``demo`` (embedded SmolLM2-135M-Instruct), a hub id or a local checkpoint.
+            method: ``mopd`` (peer-context self-distillation), ``opd`` (one success peer, SDPO-style),
+                ``teacher_opd`` (a frozen/external teacher on the plain prompt), ``grpo`` or ``sft_success``.
             dtype: weight dtype (float32, bfloat16, float16); on a GPU prefer float32 weights with
                 ``trainer.precision: bf16-mixed``.
             attn_implementation: ``auto`` = flash-attention 2 on CUDA when installed, else SDPA.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
-            sampling: how rollouts are drawn.
+            sampling: how rollouts are drawn, for training and evaluation.
+            verifier: what counts as a success (answer format, reward threshold).
             peers: which peers each teacher context holds, and its wording.
             teacher: which model scores the rollouts under the peer context.
             loss: the distillation divergence.
+            grpo: the policy-gradient objective (method grpo, or blended into a distillation method).
             optim: optimizer and micro-batching.
             seed: seeds sampling and peer choice; the same seed gives the same run.
             export_dir: when set, the final student and its tokenizer are saved here (transformers format).
+            model: deprecated name of ``student``.
         """
         super().__init__()
+        if model is not None:
+            log.warning("model.model is deprecated; use model.student")
+            if student not in ("demo", model):
+                raise ValueError(f"model.model (deprecated) is {model!r} but model.student is {student!r}; "
+                                 "set only model.student")
+            student = model
         # export_dir stays out of the checkpoint: LightningCLI re-applies checkpoint hparams on --ckpt_path.
         self.save_hyperparameters(ignore=["export_dir"])
         self.automatic_optimization = False
-        self.model_name, self.dtype_name, self.attn = model, dtype, attn_implementation
+        self.method = build_method(method, peers, teacher, loss, grpo)
+        self.student_name, self.dtype_name, self.attn = student, dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
-        self.sampling, self.peers, self.teacher_config = sampling, peers, teacher
-        self.loss_config, self.optim, self.seed, self.export_dir = loss, optim, seed, export_dir
+        self.sampling, self.verifier, self.peers, self.teacher_config = sampling, verifier, self.method.peers, teacher
+        self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
         self.student: Optional[torch.nn.Module] = None
-        self.teacher: Optional[torch.nn.Module] = None
+        self.teacher: Optional[torch.nn.Module] = None  # None: the live student teaches (or no teacher at all)
+        self.reference: Optional[torch.nn.Module] = None  # the initial student, for GRPO's KL term
         self.tokenizer = None
         self.rollout_batches = 0  # batches of rollouts trained on; keys the sampling seeds
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient
+        self.analysis_variants = list(CONTEXT_VARIANTS)  # what predict_step (mopd analyze) scores
         k = sampling.val_samples
         self.eval_metrics = torch.nn.ModuleDict({
-            stage: torch.nn.ModuleDict({"mean": MeanMetric(), "pass": PassAtK(k)}) for stage in ("val", "test")
+            stage: torch.nn.ModuleDict({"greedy": MeanMetric(), "mean": MeanMetric(), "pass": PassAtK(max(k, 1))})
+            for stage in ("val", "test")
         })
 
     # -- models ---------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Tokenizers first: an external teacher with another vocabulary fails before any weights load."""
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(self.model_name)
-        if self.teacher_config.kind == "external":
+            self.tokenizer = load_tokenizer(self.student_name)
+        if self.method.needs_teacher and self.teacher_config.kind == "external":
             check_same_vocabulary(self.tokenizer, load_tokenizer(self.teacher_config.path), self.teacher_config.path)
 
     def configure_model(self) -> None:
         if self.student is not None:
             return
-        self.student = load_causal_lm(self.model_name, self.dtype_name, self.attn).train()
+        self.student = load_causal_lm(self.student_name, self.dtype_name, self.attn).train()
         if self.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        self.teacher = make_teacher(self.student, self.teacher_config,
-                                    lambda path: load_causal_lm(path, self.dtype_name, self.attn))
+        if self.method.needs_teacher:
+            self.teacher = make_teacher(self.student, self.teacher_config,
+                                        lambda path: load_causal_lm(path, self.dtype_name, self.attn))
+        if self.method.needs_advantages and self.grpo.kl_coef > 0:
+            self.reference = make_teacher(self.student, TeacherConfig(kind="frozen"), None)
         if self.teacher is not None and self.teacher_config.kind == "external":
             rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
             if rows[0] != rows[1]:
@@ -125,19 +139,19 @@ class MOPDModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return [optimizer], [schedule]
 
-    # -- one MOPD step --------------------------------------------------------------------------------------
+    # -- one step -------------------------------------------------------------------------------------------
     def training_step(self, batch: List[Example], batch_idx: int) -> None:
         timer = PhaseTimer()
         with timer.phase("sample"):
             rollouts = self.sample(batch, "train", self.sampling.group_size, self.sampling.temperature)
         with timer.phase("verify"):
-            scores = self.verify(batch, rollouts)
+            self.verify(batch, rollouts)
         with timer.phase("teacher"):
-            distillation = self.score_with_teacher(batch, rollouts, scores)
+            signal = self.training_signal(batch, rollouts)
         with timer.phase("student"):
-            stats = self.update_student(rollouts, distillation)
+            stats = self.update_student(rollouts, signal)
         self.rollout_batches += 1
-        self.log_step(rollouts, scores, distillation, stats, timer)
+        self.log_step(rollouts, signal, stats, timer)
 
     def sample(self, batch: List[Example], stage: str, group_size: int, temperature: float) -> Rollouts:
         """``group_size`` rollouts per prompt; training seeds change every step, evaluation seeds do not."""
@@ -151,89 +165,90 @@ class MOPDModule(pl.LightningModule):
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                        return_dict=False))
 
-    def verify(self, batch: List[Example], rollouts: Rollouts) -> List[Score]:
-        """Scores in rollout order; each domain's rollouts are verified together, in parallel."""
+    def verify(self, batch: List[Example], rollouts: Rollouts) -> None:
+        """Score every rollout (each domain's together, in parallel) and decide its success, once."""
         names = [batch[g].verifier for g in rollouts.group]
-        scores: List[Optional[Score]] = [None] * len(rollouts)
+        scores: List[Any] = [None] * len(rollouts)
         for name in sorted(set(names)):
             chosen = [r for r, n in enumerate(names) if n == name]
-            results = verify_batch(name, [rollouts.response_text[r] for r in chosen],
+            results = verify_batch(get_verifier(name, self.verifier.strict), [rollouts.response_text[r] for r in chosen],
                                    [batch[rollouts.group[r]].ground_truth for r in chosen])
             for r, score in zip(chosen, results):
                 scores[r] = score
-        return scores
+        rollouts.record_scores(scores, self.verifier.success_threshold)
 
     @torch.no_grad()
-    def score_with_teacher(self, batch: List[Example], rollouts: Rollouts, scores: List[Score]) -> Distillation:
-        """Build each rollout's peer context and run the teacher over ``[teacher prompt ; response]``."""
-        contexts: List[TeacherContext] = []
-        for g, example in enumerate(batch):
-            members = [r for r in range(len(rollouts)) if rollouts.group[r] == g]
-            contexts += build_teacher_contexts(
-                example, [rollouts.response_ids[r] for r in members],
-                [scores[r].reward >= self.peers.success_threshold for r in members],
-                [scores[r].feedback for r in members], self.tokenizer, self.peers,
-                seed_key=f"{self.seed}:{self.rollout_batches}:{example.id}")
-        active = [r for r, c in enumerate(contexts) if c.active]
-        sequences = {r: contexts[r].prompt_ids + rollouts.response_ids[r] for r in active}
-        teacher, hidden = self.scoring_teacher, {}
-        for rows in plan_micro_batches([len(sequences[r]) for r in active], self.optim.max_tokens_per_micro_batch):
-            chosen = [active[i] for i in rows]
-            lengths = [len(rollouts.response_ids[r]) for r in chosen]
-            states = response_hidden_states(teacher, [sequences[r] for r in chosen], lengths,
-                                            self.tokenizer.pad_token_id)
-            hidden.update(zip(chosen, states.split(lengths)))
-        return Distillation(contexts, hidden)
+    def training_signal(self, batch: List[Example], rollouts: Rollouts) -> TrainingSignal:
+        """What the method's objectives need: the teacher's hidden states under each rollout's peer context,
+        group advantages, and the reference model's log-probabilities (GRPO's KL term)."""
+        signal = TrainingSignal()
+        max_tokens, pad = self.optim.max_tokens_per_micro_batch, self.tokenizer.pad_token_id
+        lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
+        if self.method.needs_teacher:
+            signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
+                                                     seed_key=f"{self.seed}:{self.rollout_batches}")
+            sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
+            signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens)
+            signal.teacher_weight = output_weight(self.scoring_teacher).detach()
+        if self.method.needs_advantages:
+            signal.advantages = group_advantages(rollouts, self.grpo)
+        if self.reference is not None:
+            sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
+            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens)
+            weight = output_weight(self.reference)
+            signal.reference_logp = {r: entropy_and_logprobs(h, weight, torch.tensor(rollouts.response_ids[r],
+                                                                                      device=h.device))[1]
+                                     for r, h in hidden.items()}
+        return signal
 
-    def update_student(self, rollouts: Rollouts, distillation: Distillation) -> Dict[str, float]:
+    def update_student(self, rollouts: Rollouts, signal: TrainingSignal) -> Dict[str, Any]:
         """``optim.updates_per_batch`` optimizer steps on this batch of rollouts, each followed by the EMA update.
 
-        The first step is exactly on-policy (importance weight 1); later ones reuse the rollouts with the
-        detached, clipped weight ``min(exp(logp - logp_old), loss.is_clip)`` per token.
+        Each objective's loss is a token mean over the whole step, across micro-batches and ranks: every
+        micro-batch adds its token sum divided by that objective's global token count, so micro-batch size and
+        device count do not change the update. The log-probabilities before the first update are kept when an
+        objective needs them (GRPO's ratio) or rollouts are reused (importance weights).
         """
-        reuse = self.optim.updates_per_batch > 1
-        old_logp: Optional[Dict[int, torch.Tensor]] = {} if reuse else None
+        plans = [objective.rows(rollouts, signal) for _, objective in self.method.objectives]
+        plans = [(set(rows), counted) for rows, counted in plans]
+        forward = sorted(set().union(*(rows for rows, _ in plans)))
+        normalisers = [self._all_reduce(float(rollouts.tokens(counted))) for _, counted in plans]
+        keep_old = self.method.needs_old_logp or self.optim.updates_per_batch > 1
+        old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
         for update in range(self.optim.updates_per_batch):
-            stats = self._optimizer_step(rollouts, distillation, old_logp, record_logp=reuse and update == 0)
+            stats = self._optimizer_step(rollouts, signal, forward, plans, normalisers, old_logp)
+        stats.update(forward_rows=len(forward), normalisers=normalisers)
         return stats
 
-    def _optimizer_step(self, rollouts: Rollouts, distillation: Distillation,
-                        old_logp: Optional[Dict[int, torch.Tensor]], record_logp: bool) -> Dict[str, float]:
-        """Distil on every active response token, then one optimizer step.
-
-        The loss is a token mean over the whole step, across micro-batches and ranks: each micro-batch adds
-        its token sum divided by the global token count, so micro-batch size and device count do not matter.
-        """
+    def _optimizer_step(self, rollouts: Rollouts, signal: TrainingSignal, forward: List[int], plans, normalisers,
+                        old_logp: Optional[Dict[int, torch.Tensor]]) -> Dict[str, Any]:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        active = distillation.active
-        local_tokens = sum(len(rollouts.response_ids[r]) for r in active)
-        global_tokens = int(self._all_reduce(float(local_tokens)))
-        stats = {"loss_sum": 0.0, "entropy_sum": 0.0, "tokens": local_tokens, "global_tokens": global_tokens}
-        if global_tokens == 0:  # no rollout anywhere has a peer: nothing to learn from this batch
-            return stats
-        scale = self.trainer.world_size / global_tokens  # DDP averages gradients over ranks
-        lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in active]
+        objectives = self.method.objectives
+        stats: Dict[str, Any] = {"loss_sums": [0.0] * len(objectives), "entropy_sum": 0.0,
+                                 "entropy_tokens": rollouts.tokens(forward)}
+        lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in forward]
         plan = plan_micro_batches(lengths, self.optim.max_tokens_per_micro_batch) or [[]]
-        teacher_weight = output_weight(self.scoring_teacher).detach()
+        anyone = self._all_reduce(float(len(forward))) > 0  # a batch without signal anywhere: a step that changes nothing
         finite = True
-        for m, rows in enumerate(plan):
-            chosen = [active[i] for i in rows]
+        for m, rows in enumerate(plan if anyone else []):
+            chosen = [forward[i] for i in rows]
             with optimizer.toggle_model(sync_grad=m == len(plan) - 1):
                 if not chosen:  # this rank has no signal but must join the gradient all-reduce
                     self.manual_backward(sum(p.sum() for p in self.student.parameters()) * 0.0)
                     continue
-                lengths = [len(rollouts.response_ids[r]) for r in chosen]
-                student_hidden = response_hidden_states(
-                    self.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in chosen], lengths,
-                    self.tokenizer.pad_token_id)
-                teacher_hidden = torch.cat([distillation.teacher_hidden[r] for r in chosen])
-                weights = self._importance_weights(student_hidden, rollouts, chosen, old_logp, record_logp)
-                loss_sum, entropy_sum = distillation_loss(student_hidden, output_weight(self.student), teacher_hidden,
-                                                          teacher_weight, weights, self.loss_config)
-                finite &= bool(torch.isfinite(loss_sum))
-                self.manual_backward(loss_sum * scale)
-                stats["loss_sum"] += float(loss_sum.detach())
-                stats["entropy_sum"] += float(entropy_sum)
+                batch = self._student_micro_batch(rollouts, chosen, old_logp)
+                loss = batch.hidden.new_zeros(())
+                for i, ((weight, objective), (rows_of, _), normaliser) in enumerate(zip(objectives, plans, normalisers)):
+                    members = [r for r in chosen if r in rows_of]
+                    if not members:
+                        continue
+                    part = objective.loss_sum(batch.select(members), signal)
+                    stats["loss_sums"][i] += float(part.detach())
+                    loss = loss + weight * part * (self.trainer.world_size / normaliser)  # DDP averages over ranks
+                finite &= bool(torch.isfinite(loss))
+                self.manual_backward(loss)
+                stats["entropy_sum"] += float(entropy_and_logprobs(batch.hidden.detach(), batch.weight.detach(),
+                                                                   batch.tokens)[0].sum())
         max_norm = self.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
         finite = finite and bool(torch.isfinite(grad_norm))
@@ -248,25 +263,24 @@ class MOPDModule(pl.LightningModule):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if self.teacher_config.kind == "ema":
+        if self.teacher is not None and self.teacher_config.kind == "ema":
             ema_update(self.teacher, self.student, self.teacher_config.ema_rate)
         stats["grad_norm"] = float(grad_norm)
         return stats
 
-    def _importance_weights(self, student_hidden: torch.Tensor, rollouts: Rollouts, chosen: List[int],
-                            old_logp: Optional[Dict[int, torch.Tensor]], record_logp: bool) -> torch.Tensor:
-        """Per-token weights: exactly 1 on-policy; ``min(exp(logp - logp_old), is_clip)`` on reused rollouts."""
-        ones = torch.ones(student_hidden.shape[0], device=student_hidden.device)
-        if old_logp is None:
-            return ones
-        tokens = torch.cat([torch.tensor(rollouts.response_ids[r]) for r in chosen]).to(student_hidden.device)
-        logp = sampled_token_logprobs(student_hidden, output_weight(self.student), tokens)
-        lengths = [len(rollouts.response_ids[r]) for r in chosen]
-        if record_logp:
-            old_logp.update(zip(chosen, logp.split(lengths)))
-            return ones
-        reference = torch.cat([old_logp[r] for r in chosen])
-        return (logp - reference).exp().clamp(max=self.loss_config.is_clip)
+    def _student_micro_batch(self, rollouts: Rollouts, rows: List[int],
+                             old_logp: Optional[Dict[int, torch.Tensor]]) -> MicroBatch:
+        """The student's forward pass on ``rows``; records their log-probabilities on the first update."""
+        lengths = [len(rollouts.response_ids[r]) for r in rows]
+        hidden = response_hidden_states(self.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in rows],
+                                        lengths, self.tokenizer.pad_token_id)
+        tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
+        batch = MicroBatch(rows, hidden, output_weight(self.student), tokens, lengths)
+        if old_logp is not None:
+            if any(r not in old_logp for r in rows):
+                old_logp.update(zip(rows, batch.current_logp().split(lengths)))
+            batch.old_logp = torch.cat([old_logp[r] for r in rows])
+        return batch
 
     def _all_reduce(self, value: float) -> float:
         if self.trainer.world_size == 1:
@@ -275,44 +289,20 @@ class MOPDModule(pl.LightningModule):
         return float(self.trainer.strategy.reduce(tensor, reduce_op="sum"))
 
     # -- logging --------------------------------------------------------------------------------------------
-    def log_step(self, rollouts: Rollouts, scores: List[Score], distillation: Distillation,
-                 stats: Dict[str, float], timer: PhaseTimer) -> None:
-        rewards = torch.tensor([s.reward for s in scores], dtype=torch.float32)
-        success = rewards >= self.peers.success_threshold
-        groups = torch.tensor(rollouts.group)
-        mixed = [bool(success[groups == g].any() and (~success[groups == g]).any()) for g in groups.unique()]
-        contexts = distillation.contexts
-        active = [c for c in contexts if c.active]
-        prompt_lengths = [len(c.prompt_ids) for c in active] or [0]
-        peers_total = sum(c.peers.count for c in contexts)
-        response_tokens = sum(map(len, rollouts.response_ids))
-        global_tokens = max(stats["global_tokens"], 1)
-        metrics = {
-            "train/reward": rewards.mean().item(),
-            "train/success_rate": success.float().mean().item(),
-            "train/mixed_group_fraction": sum(mixed) / len(mixed),
-            "train/active_fraction": len(active) / len(contexts),
-            "train/peers_per_context": peers_total / len(contexts),
-            "train/teacher_prompt_len_mean": sum(prompt_lengths) / len(prompt_lengths),
-            "train/teacher_prompt_len_max": float(max(prompt_lengths)),
-            "train/peer_truncation_fraction": sum(c.truncated_peers for c in contexts) / max(peers_total, 1),
-            "train/loss": self._all_reduce(stats["loss_sum"]) / global_tokens,
-            "train/entropy": self._all_reduce(stats["entropy_sum"]) / global_tokens,
-            "train/response_len": response_tokens / len(rollouts),
-            "train/finished_fraction": sum(rollouts.finished) / len(rollouts),
-            "train/skipped_steps": float(self.skipped_steps),
-            "train/feedback_in_context": float(self.peers.include_feedback),
-            "time/step_s": timer.total,
-            "throughput/tokens_per_s": response_tokens / max(timer.total, 1e-9),
-            **{f"time/{name}_s": seconds for name, seconds in timer.seconds.items()},
+    def log_step(self, rollouts: Rollouts, signal: TrainingSignal, stats: Dict[str, Any], timer: PhaseTimer) -> None:
+        names = [objective.name for _, objective in self.method.objectives]
+        totals = {
+            "loss_sums": [self._all_reduce(v) for v in stats["loss_sums"]],
+            "entropy_sum": self._all_reduce(stats["entropy_sum"]),
+            "entropy_tokens": self._all_reduce(float(stats["entropy_tokens"])),
         }
-        if "grad_norm" in stats:
-            metrics["train/grad_norm"] = stats["grad_norm"]
+        metrics = training_metrics(rollouts, signal, names, [w for w, _ in self.method.objectives], stats, totals,
+                                   timer, self.skipped_steps, self.peers.include_feedback)
         progress = {"train/reward", "train/loss"}
-        batch_size = len(set(rollouts.group))
+        local = {"train/loss", "train/entropy"} | {f"train/loss_{name}" for name in names}  # already global sums
         for name, value in metrics.items():
-            self.log(name, value, prog_bar=name in progress, batch_size=batch_size,
-                     sync_dist=name not in {"train/loss", "train/entropy"})
+            self.log(name, value, prog_bar=name in progress, batch_size=len(rollouts.groups),
+                     sync_dist=name not in local)
 
     # -- evaluation -----------------------------------------------------------------------------------------
     def validation_step(self, batch: List[Example], batch_idx: int) -> None:
@@ -323,16 +313,27 @@ class MOPDModule(pl.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, batch: List[Example], stage: str) -> None:
-        """mean@k and pass@k with k = ``sampling.val_samples`` rollouts per prompt."""
-        k = self.sampling.val_samples
-        rollouts = self.sample(batch, stage, k, self.sampling.val_temperature)
-        rewards = torch.tensor([s.reward for s in self.verify(batch, rollouts)]).view(len(batch), k)
-        correct = (rewards >= self.peers.success_threshold).sum(-1)
+        """Greedy accuracy (one greedy answer per prompt), and mean@k / pass@k over k sampled answers."""
         metrics = self.eval_metrics[stage]
-        metrics["mean"].update(rewards.mean(-1))
-        metrics["pass"].update(torch.full_like(correct, k), correct)
-        self.log(f"{stage}/mean@{k}", metrics["mean"], prog_bar=True, batch_size=len(batch))
-        self.log(f"{stage}/pass@{k}", metrics["pass"], prog_bar=True, batch_size=len(batch))
+        if self.sampling.val_greedy:
+            greedy = self.sample(batch, stage, 1, 0.0)
+            self.verify(batch, greedy)
+            metrics["greedy"].update(torch.tensor(greedy.success, dtype=torch.float32))
+            self.log(f"{stage}/greedy_acc", metrics["greedy"], prog_bar=True, batch_size=len(batch))
+        k = self.sampling.val_samples
+        if k:
+            rollouts = self.sample(batch, stage, k, self.sampling.val_temperature)
+            self.verify(batch, rollouts)
+            rewards = torch.tensor(rollouts.reward).view(len(batch), k)
+            correct = torch.tensor(rollouts.success).view(len(batch), k).sum(-1)
+            metrics["mean"].update(rewards.mean(-1))
+            metrics["pass"].update(torch.full_like(correct, k), correct)
+            self.log(f"{stage}/mean@{k}", metrics["mean"], prog_bar=True, batch_size=len(batch))
+            self.log(f"{stage}/pass@{k}", metrics["pass"], prog_bar=True, batch_size=len(batch))
+
+    def predict_step(self, batch: List[Example], batch_idx: int) -> List[Dict[str, Any]]:
+        """The teacher-signal analysis of one batch (``mopd analyze``): one record per rollout, see analysis.py."""
+        return teacher_signal_records(self, batch, self.analysis_variants)
 
     # -- checkpoints and export -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:

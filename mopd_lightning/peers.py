@@ -1,9 +1,13 @@
-"""Peer contexts: which other rollouts of its group each rollout's teacher sees, and the teacher prompt.
+"""Peer contexts: which other rollouts each rollout's teacher sees, and the teacher prompt they make.
 
 Leave-one-out: rollout ``i`` never sees itself. Peers are drawn uniformly without replacement from a
-generator seeded per rollout, so the same seed gives the same contexts on any rank. Only peers are ever
-truncated (in the middle, with a visible marker): the question, the closing instruction and the rollout's
-own response always reach the teacher whole.
+generator seeded per rollout (seed, step, prompt id, rollout index), so the same seed gives the same contexts
+on any rank. Only peers are ever truncated (in the middle, with a visible marker): the question, the closing
+instruction and the rollout's own response always reach the teacher whole.
+
+``PeerConfig.context`` also selects the paper's ablation controls (``none``, ``random_peer``,
+``unrelated_prompt``, ``swapped_labels``, ``success_only_matched``); each is a different rule for picking
+peers and for the label the teacher is shown, nothing else changes.
 """
 
 from __future__ import annotations
@@ -15,32 +19,48 @@ from typing import Dict, List, Optional, Sequence
 
 from .config import PeerConfig
 from .data.example import Example
+from .rollouts import Rollouts
 
 
-@dataclass
-class PeerChoice:
-    """The peers chosen for one rollout, as indices into its group."""
+@dataclass(frozen=True)
+class Peer:
+    """Another rollout shown to the teacher (an index into the batch's rollouts) and the label it is shown with."""
 
-    successes: List[int]
-    failures: List[int]
-
-    @property
-    def count(self) -> int:
-        return len(self.successes) + len(self.failures)
+    rollout: int
+    shown_success: bool
 
 
-def choose_peers(is_success: Sequence[bool], config: PeerConfig, seed_key: str) -> List[PeerChoice]:
-    """For every rollout of one group, up to ``n_success`` other successes and ``n_failure`` other failures."""
-    choices = []
-    for i in range(len(is_success)):
-        rng = random.Random(f"{seed_key}:{i}")
-        successes = [j for j, ok in enumerate(is_success) if ok and j != i]
-        failures = [j for j, ok in enumerate(is_success) if not ok and j != i]
-        picked_successes = rng.sample(successes, min(config.n_success, len(successes)))
-        failures_allowed = config.failure_when == "always" or not successes
-        picked_failures = rng.sample(failures, min(config.n_failure, len(failures))) if failures_allowed else []
-        choices.append(PeerChoice(picked_successes, picked_failures))
-    return choices
+def choose_peers(groups: Sequence[Sequence[int]], success: Sequence[bool], config: PeerConfig,
+                 seed_keys: Sequence[str]) -> List[List[Peer]]:
+    """The peers of every rollout; ``groups[g]`` lists the rollouts of prompt ``g``, seeded by ``seed_keys[g]``."""
+    peers: List[List[Peer]] = [[] for _ in success]
+    for g, members in enumerate(groups):
+        elsewhere = [r for h, other in enumerate(groups) if h != g for r in other if success[r]]
+        for k, i in enumerate(members):
+            rng = random.Random(f"{seed_keys[g]}:{k}")
+            peers[i] = _pick(config, [j for j in members if j != i], success, elsewhere, rng)
+    return peers
+
+
+def _pick(config: PeerConfig, others: List[int], success: Sequence[bool], elsewhere: List[int],
+          rng: random.Random) -> List[Peer]:
+    """One rollout's peers among ``others`` (its group, itself left out) under ``config.context``."""
+    if config.context == "none":
+        return []
+    size = config.n_success + config.n_failure
+    if config.context == "random_peer":
+        return [Peer(j, success[j]) for j in rng.sample(others, min(size, len(others)))]
+    flipped = config.context == "swapped_labels"
+    successes = [j for j in others if success[j] != flipped]
+    failures = [j for j in others if success[j] == flipped]
+    if config.context == "success_only_matched":
+        return [Peer(j, True) for j in rng.sample(successes, min(size, len(successes)))]
+    if config.context == "unrelated_prompt":
+        successes = elsewhere
+    picked = [Peer(j, True) for j in rng.sample(successes, min(config.n_success, len(successes)))]
+    if config.failure_when == "always" or not successes:
+        picked += [Peer(j, False) for j in rng.sample(failures, min(config.n_failure, len(failures)))]
+    return picked
 
 
 def fill(template: str, **values: str) -> str:
@@ -62,15 +82,15 @@ def truncate_middle(token_ids: Sequence[int], budget: int, tokenizer, marker: st
 
 @dataclass
 class TeacherContext:
-    """The teacher's prompt for one rollout (token ids, chat template applied) and what went into it."""
+    """The teacher's prompt for one rollout (token ids, chat template applied) and what went into it.
+
+    ``active`` is false for a rollout that has no peer to learn from: it gets no distillation signal.
+    """
 
     prompt_ids: List[int]
-    peers: PeerChoice
+    peers: List[Peer]
     truncated_peers: int
-
-    @property
-    def active(self) -> bool:
-        return self.peers.count > 0
+    active: bool
 
 
 def teacher_messages(example: Example, peer_texts: List[str], peer_success: List[bool],
@@ -86,22 +106,32 @@ def teacher_messages(example: Example, peer_texts: List[str], peer_success: List
     return example.system_messages + [{"role": "user", "content": content}]
 
 
-def build_teacher_contexts(example: Example, response_ids: List[List[int]], is_success: List[bool],
-                           feedback: List[Optional[str]], tokenizer, config: PeerConfig,
+def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokenizer, config: PeerConfig,
                            seed_key: str) -> List[TeacherContext]:
-    """Teacher prompts for all rollouts of one group (rollouts without any peer get an empty, inactive one)."""
-    truncated = [truncate_middle(_strip_stop(ids, tokenizer), config.max_peer_tokens, tokenizer,
-                                 config.truncation_marker) for ids in response_ids]
+    """Teacher prompts for all rollouts of a verified batch, in rollout order.
+
+    With ``context: none`` the teacher reads the student's own prompt. A rollout without any peer gets an
+    empty, inactive context.
+    """
+    if config.context == "none":
+        return [TeacherContext(list(ids), [], 0, True) for ids in rollouts.prompt_ids]
+    choices = choose_peers(rollouts.groups, rollouts.success, config, [f"{seed_key}:{e.id}" for e in batch])
+    truncated: Dict[int, tuple[str, bool]] = {}
     contexts = []
-    for choice in choose_peers(is_success, config, seed_key):
-        if choice.count == 0:
-            contexts.append(TeacherContext([], choice, 0))
+    for r, peers in enumerate(choices):
+        if not peers:
+            contexts.append(TeacherContext([], [], 0, False))
             continue
-        order = choice.successes + choice.failures
-        messages = teacher_messages(example, [truncated[j][0] for j in order], [is_success[j] for j in order],
-                                    [feedback[j] for j in order], config)
+        peers = sorted(peers, key=lambda p: not p.shown_success)  # success blocks first, then failures
+        for p in peers:
+            if p.rollout not in truncated:
+                truncated[p.rollout] = truncate_middle(_strip_stop(rollouts.response_ids[p.rollout], tokenizer),
+                                                       config.max_peer_tokens, tokenizer, config.truncation_marker)
+        messages = teacher_messages(batch[rollouts.group[r]], [truncated[p.rollout][0] for p in peers],
+                                    [p.shown_success for p in peers], [rollouts.feedback[p.rollout] for p in peers],
+                                    config)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        contexts.append(TeacherContext(list(ids), choice, sum(truncated[j][1] for j in order)))
+        contexts.append(TeacherContext(list(ids), peers, sum(truncated[p.rollout][1] for p in peers), True))
     return contexts
 
 

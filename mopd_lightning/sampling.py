@@ -4,16 +4,17 @@ Every rollout has its own random stream, seeded from (seed, step, prompt id, rol
 the Gumbel-max trick inside a logits processor: adding Gumbel noise to the (temperature-scaled, top-k/top-p
 filtered) logits and taking the argmax draws exactly from the softmax. Because the noise of a row does not
 depend on the other rows, a prompt gets the same rollouts whichever rank or batch it lands in, which is
-what makes a 2-process DDP run equal a 1-process run.
+what makes a 2-process DDP run equal a 1-process run. Temperature 0 is greedy decoding (evaluation).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import List, Sequence
 
 import torch
+
+from .rollouts import Rollouts
 
 
 def stable_seed(*parts) -> int:
@@ -48,24 +49,13 @@ class SeededSampler:
         return scores + gumbel
 
 
-@dataclass
-class Rollouts:
-    """A batch of groups, flattened: rollout ``r`` answers prompt ``group[r]``."""
-
-    group: List[int]
-    prompt_ids: List[List[int]]
-    response_ids: List[List[int]]
-    response_text: List[str]
-    finished: List[bool]
-
-    def __len__(self) -> int:
-        return len(self.group)
-
-
 @torch.no_grad()
 def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int, seeds: List[List[int]],
                   max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Rollouts:
-    """Draw ``group_size`` rollouts for each prompt; ``seeds[p][k]`` seeds rollout ``k`` of prompt ``p``."""
+    """Draw ``group_size`` rollouts for each prompt; ``seeds[p][k]`` seeds rollout ``k`` of prompt ``p``.
+
+    ``temperature == 0`` decodes greedily (the seeds are then unused).
+    """
     from transformers import GenerationConfig, LogitsProcessorList
 
     rows = [ids for ids in prompt_ids for _ in range(group_size)]
@@ -79,12 +69,13 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
         attention_mask[r, width - len(ids):] = 1
     stop = _stop_token_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stop)
-    sampler = SeededSampler([s for group in seeds for s in group], temperature, top_p, top_k)
+    processors = [] if temperature == 0 else [SeededSampler([s for group in seeds for s in group], temperature,
+                                                            top_p, top_k)]
     was_training = model.training
     model.eval()
     try:
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                generation_config=config, logits_processor=LogitsProcessorList([sampler]))
+                                generation_config=config, logits_processor=LogitsProcessorList(processors))
     finally:
         model.train(was_training)
     new_tokens = output[:, width:].tolist()

@@ -7,7 +7,7 @@ chunks, or fused), so the full ``(tokens x vocabulary)`` logits of whole sequenc
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 
@@ -44,6 +44,21 @@ def response_hidden_states(model, sequences: List[List[int]], response_lengths: 
     rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(response_lengths)])
     cols = torch.cat([torch.arange(len(ids) - n - 1, len(ids) - 1) for ids, n in zip(sequences, response_lengths)])
     return hidden[rows.to(device), cols.to(device)]
+
+
+@torch.no_grad()
+def score_rollouts(model, sequences: Dict[int, List[int]], response_lengths: Dict[int, int], pad_id: int,
+                   max_tokens: int) -> Dict[int, torch.Tensor]:
+    """No-grad hidden states ``(response tokens, H)`` of each rollout, for ``sequences[r] = context ; response``,
+    in micro-batches of at most ``max_tokens`` padded tokens (teacher and reference passes, the analysis)."""
+    rows = list(sequences)
+    hidden: Dict[int, torch.Tensor] = {}
+    for batch in plan_micro_batches([len(sequences[r]) for r in rows], max_tokens):
+        chosen = [rows[i] for i in batch]
+        lengths = [response_lengths[r] for r in chosen]
+        states = response_hidden_states(model, [sequences[r] for r in chosen], lengths, pad_id)
+        hidden.update(zip(chosen, states.split(lengths)))
+    return hidden
 
 
 def output_weight(model) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """The ``mopd`` command end to end on the tiny model: fit, re-run, resume, DDP, and early config errors."""
 
 import csv
+import json
 import glob
 import os
 import subprocess
@@ -25,7 +26,7 @@ def mopd(*args, cwd, check=True, timeout=600):
 
 
 def tiny_args(tiny_model, steps, *extra):
-    return ["fit", "--config", CONFIG, "--model.model", tiny_model, "--model.sampling.max_new_tokens", "8",
+    return ["fit", "--config", CONFIG, "--model.student", tiny_model, "--model.sampling.max_new_tokens", "8",
             "--model.sampling.group_size", "2", "--data.batch_size", "2", "--data.num_train", "16",
             "--trainer.max_steps", steps, "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
             "false", "--model.optim.lr", "1e-2", *extra]
@@ -111,8 +112,31 @@ def test_print_config(tmp_path):
 
 def test_validate_and_test_report_mean_and_pass_at_k(tiny_model, tmp_path):
     for command in ("validate", "test"):
-        result = mopd(command, "--config", CONFIG, "--model.model", tiny_model, "--model.sampling.max_new_tokens", "4",
+        result = mopd(command, "--config", CONFIG, "--model.student", tiny_model, "--model.sampling.max_new_tokens", "4",
                       "--data.num_val", "4", "--data.num_test", "4", "--trainer.limit_val_batches", "1",
                       "--trainer.enable_progress_bar", "false", cwd=tmp_path)
         stage = "val" if command == "validate" else "test"
         assert f"{stage}/mean@4" in result.stdout and f"{stage}/pass@4" in result.stdout
+
+
+def test_model_model_is_deprecated_but_still_works(tiny_model, tmp_path):
+    args = ["--model.model" if a == "--model.student" else a for a in tiny_args(tiny_model, 1)]
+    result = mopd(*args, cwd=tmp_path)
+    assert "model.model is deprecated; use model.student" in result.stderr
+
+
+def test_analyze_writes_json_markdown_and_plot(tiny_model, tmp_path):
+    result = mopd("analyze", "--config", CONFIG, "--model.student", tiny_model, "--model.sampling.max_new_tokens", "6",
+                  "--data.num_val", "4", "--data.val_batch_size", "2", "--trainer.enable_progress_bar", "false",
+                  "--output_dir", tmp_path / "report", "--variants", "[none, 1S1F, swapped_labels]", cwd=tmp_path)
+    report = json.loads((tmp_path / "report" / "analysis.json").read_text())
+    assert list(report["summary"]["variants"]) == ["none", "1S1F", "swapped_labels"]
+    assert report["summary"]["prompts"] == 4 and len(report["records"]) == report["summary"]["rollouts"] > 0
+    assert (tmp_path / "report" / "analysis.png").stat().st_size > 0
+    assert "| none |" in (tmp_path / "report" / "analysis.md").read_text() and "| none |" in result.stdout
+
+
+def test_analyze_rejects_unknown_variants(tiny_model, tmp_path):
+    result = mopd("analyze", "--config", CONFIG, "--model.student", tiny_model, "--variants", "[3S]", cwd=tmp_path,
+                  check=False)
+    assert result.returncode != 0 and "analyze.variants" in result.stderr

@@ -5,7 +5,7 @@ import pytest
 
 from mopd_lightning.data import DataError, PromptDataModule
 from mopd_lightning.data.datamodule import PromptStream
-from mopd_lightning.data.science import generate_science, molar_mass
+from mopd_lightning.data.sci import generate_sci, molar_mass
 
 
 def test_embedded_science_is_balanced_deterministic_and_disjoint():
@@ -18,13 +18,13 @@ def test_embedded_science_is_balanced_deterministic_and_disjoint():
     again = PromptDataModule()
     again.setup("fit")
     assert [e.question for e in again.datasets["train"]] == [e.question for e in train]
-    assert generate_science(20, seed=1)[0].question != generate_science(20, seed=2)[0].question
+    assert generate_sci(20, seed=1)[0].question != generate_sci(20, seed=2)[0].question
 
 
 def test_science_answers_are_right():
     assert molar_mass("H2O") == pytest.approx(18.015, abs=1e-3)
     assert molar_mass("Ca(OH)2") == pytest.approx(74.092, abs=1e-3)
-    example = generate_science(1, seed=0)[0]
+    example = generate_sci(1, seed=0)[0]
     letter = example.ground_truth
     assert f"\n{letter}. " in example.question and "<answer>X</answer>" in example.question
 
@@ -76,7 +76,7 @@ def test_holdout_validation_is_disjoint(sciknoweval_dir):
 
 
 def test_stream_splits_prompts_across_ranks_and_resumes():
-    examples = generate_science(24, seed=0)
+    examples = generate_sci(24, seed=0)
     single = list(PromptStream(examples, 4, seed=3, shuffle=True))
     rank0 = list(PromptStream(examples, 2, seed=3, shuffle=True, rank=0, world_size=2))
     rank1 = list(PromptStream(examples, 2, seed=3, shuffle=True, rank=1, world_size=2))

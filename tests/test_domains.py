@@ -326,11 +326,11 @@ def verl_parquet(tmp_path):
 @pytest.mark.parametrize("domain", ["sci", "math", "code", "tool"])
 def test_verl_parquet_rows_work_in_every_domain(verl_parquet, domain):
     examples = load(domain, verl_parquet, system_prompt="Default system.")
-    assert [e.verifier for e in examples] == ["math", "math", "code", "code", "mcq", "tool", "tool"]
+    assert [e.verifier for e in examples] == ["math", "math", "code", "code", "sci", "tool", "tool"]
     assert examples[0].messages[0] == {"role": "system", "content": "Be brief."}  # the row's own system message
     assert examples[1].messages[0] == {"role": "system", "content": "Default system."}
     assert examples[3].ground_truth["kind"] == "functional" and examples[3].ground_truth["fn_name"] == "join"
-    for verifier in ("math", "code", "mcq", "tool"):
+    for verifier in ("math", "code", "sci", "tool"):
         chosen = [(e, response) for e, (_, response) in zip(examples, VERL_ROWS) if e.verifier == verifier]
         scores = verify_batch(verifier, [r for _, r in chosen], [e.ground_truth for e, _ in chosen])
         assert [s.reward for s in scores] == [1.0] * len(chosen), (verifier, scores)

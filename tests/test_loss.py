@@ -1,4 +1,5 @@
-"""The plain-PyTorch distillation loss against a float64 reference written directly from the definitions."""
+"""Token-level quantities (distillation loss, sampled-token log-probs, entropy) against float64 references
+written directly from the definitions."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 from mopd_lightning.config import LossConfig
-from mopd_lightning.loss import distillation_loss, sampled_token_logprobs
+from mopd_lightning.loss import distillation_loss, entropy_and_logprobs, token_logprobs
 
 
 def reference(student_logits, teacher_logits, alpha, temperature=1.0, topk=None, tail=True):
@@ -47,7 +48,7 @@ def test_loss_matches_float64_reference(alpha, topk, tail, fused, temperature):
     hidden, weight, teacher_hidden, teacher_weight = make_inputs()
     weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
     config = LossConfig(alpha=alpha, temperature=temperature, topk=topk, tail=tail, fused_linear=fused, backend="torch")
-    loss, entropy = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
+    loss = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
     hidden64 = hidden.detach().double().requires_grad_()
     weight64 = weight.detach().double().requires_grad_()
     keep = weights.bool()
@@ -60,8 +61,6 @@ def test_loss_matches_float64_reference(alpha, topk, tail, fused, temperature):
     torch.testing.assert_close(hidden.grad.double(), hidden64.grad, rtol=1e-3, atol=1e-6)
     torch.testing.assert_close(weight.grad.double(), weight64.grad, rtol=1e-3, atol=1e-6)
     assert hidden.grad[~keep].abs().max() == 0  # masked tokens get no gradient
-    p = torch.softmax(hidden64.detach() @ weight64.detach().T, -1)[keep]
-    torch.testing.assert_close(entropy.double(), -(p * p.log()).sum(), rtol=1e-4, atol=1e-5)
 
 
 def test_fused_and_unfused_paths_agree():
@@ -70,7 +69,7 @@ def test_fused_and_unfused_paths_agree():
     results = []
     for fused in (True, False):
         config = LossConfig(fused_linear=fused, backend="torch")
-        loss, _ = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
+        loss = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
         grads = torch.autograd.grad(loss, (hidden, weight))
         results.append((loss, *grads))
     for a, b in zip(*results):
@@ -81,16 +80,23 @@ def test_divergence_is_zero_for_equal_distributions_and_jsd_is_bounded():
     hidden, weight, _, _ = make_inputs()
     ones = torch.ones(7)
     for alpha in (0.0, 0.5, 1.0):
-        loss, _ = distillation_loss(hidden, weight, hidden.detach(), weight.detach(), ones, LossConfig(alpha=alpha))
+        loss = distillation_loss(hidden, weight, hidden.detach(), weight.detach(), ones, LossConfig(alpha=alpha))
         assert abs(loss.item()) < 1e-5
     one = torch.ones(1, 1)  # H = 1: the logits are the weights, [30, -30] against [-30, 30]
-    jsd, _ = distillation_loss(one, torch.tensor([[30.0], [-30.0]]), one, torch.tensor([[-30.0], [30.0]]),
+    jsd = distillation_loss(one, torch.tensor([[30.0], [-30.0]]), one, torch.tensor([[-30.0], [30.0]]),
                                torch.ones(1), LossConfig())
     assert jsd.item() == pytest.approx(math.log(2), rel=1e-4)
 
 
-def test_sampled_token_logprobs():
+def test_token_logprobs_and_entropy_match_float64():
     hidden, weight, _, _ = make_inputs()
     tokens = torch.randint(0, 50, (7,))
-    expected = torch.log_softmax(hidden @ weight.T, -1).gather(-1, tokens[:, None])[:, 0]
-    torch.testing.assert_close(sampled_token_logprobs(hidden, weight, tokens, chunk=3), expected.detach())
+    log_p = torch.log_softmax(hidden.double() @ weight.double().T, -1)
+    expected = log_p.gather(-1, tokens[:, None])[:, 0]
+    got = token_logprobs(hidden, weight, tokens, chunk=3)  # differentiable, each chunk recomputed in backward
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    for g, e in zip(torch.autograd.grad(got.sum(), (hidden, weight)), torch.autograd.grad(expected.sum(), (hidden, weight))):
+        torch.testing.assert_close(g.double(), e.double(), rtol=1e-4, atol=1e-6)
+    entropy, logp = entropy_and_logprobs(hidden, weight, tokens, chunk=3)
+    torch.testing.assert_close(logp.double(), expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-4, atol=1e-6)

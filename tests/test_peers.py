@@ -4,48 +4,104 @@ from transformers import AutoTokenizer
 from mopd_lightning.config import PeerConfig
 from mopd_lightning.data.example import Example
 from mopd_lightning.peers import build_teacher_contexts, choose_peers, fill, truncate_middle
+from mopd_lightning.rewards import Score
+from mopd_lightning.rollouts import Rollouts
+
+
+def pick(success, config, key="k"):
+    """Peers of each rollout of one group, as (indices shown as successes, indices shown as failures)."""
+    peers = choose_peers([list(range(len(success)))], success, config, [key])
+    return [([p.rollout for p in ps if p.shown_success], [p.rollout for p in ps if not p.shown_success]) for ps in peers]
 
 
 def test_leave_one_out_and_counts():
     success = [True, True, True, False, False, True, False, True]
-    for i, choice in enumerate(choose_peers(success, PeerConfig(n_success=2, n_failure=1), "k")):
-        assert i not in choice.successes + choice.failures
-        assert len(choice.successes) == 2 and len(choice.failures) == 1
-        assert all(success[j] for j in choice.successes) and not any(success[j] for j in choice.failures)
-        assert len(set(choice.successes)) == len(choice.successes)
+    for i, (successes, failures) in enumerate(pick(success, PeerConfig(n_success=2, n_failure=1))):
+        assert i not in successes + failures
+        assert len(successes) == 2 and len(failures) == 1
+        assert all(success[j] for j in successes) and not any(success[j] for j in failures)
+        assert len(set(successes)) == len(successes)
 
 
 def test_counts_capped_by_what_the_group_has():
-    success = [True, False, False]
-    choices = choose_peers(success, PeerConfig(n_success=2, n_failure=2), "k")
-    assert choices[0].successes == [] and sorted(choices[0].failures) == [1, 2]  # the only success is itself
-    assert choices[1].successes == [0] and choices[1].failures == [2]
+    choices = pick([True, False, False], PeerConfig(n_success=2, n_failure=2))
+    assert choices[0][0] == [] and sorted(choices[0][1]) == [1, 2]  # the only success is itself
+    assert choices[1] == ([0], [2])
 
 
 def test_failure_when_no_success():
     config = PeerConfig(n_success=1, n_failure=1, failure_when="when_no_success")
-    choices = choose_peers([True, True, False, False], config, "k")
-    assert choices[0].failures == [] and choices[0].successes == [1]
-    assert choices[2].failures == [] and len(choices[2].successes) == 1
-    only_failures = choose_peers([False, False, False], config, "k")
-    assert all(len(c.failures) == 1 and not c.successes for c in only_failures)
+    choices = pick([True, True, False, False], config)
+    assert choices[0] == ([1], [])
+    assert choices[2][1] == [] and len(choices[2][0]) == 1
+    assert all(len(f) == 1 and not s for s, f in pick([False, False, False], config))
 
 
 def test_rollout_without_peers_is_inactive():
-    config = PeerConfig(n_success=2, n_failure=0)  # positive peer imitation
-    choices = choose_peers([True, False, False], config, "k")
-    assert choices[0].count == 0  # the only success cannot be its own peer
-    assert choices[1].successes == [0]
+    choices = pick([True, False, False], PeerConfig(n_success=2, n_failure=0))  # positive peer imitation
+    assert choices[0] == ([], [])  # the only success cannot be its own peer
+    assert choices[1] == ([0], [])
 
 
 def test_same_seed_same_peers_other_seed_differs():
     success = [True] * 6 + [False] * 6
     config = PeerConfig(n_success=2, n_failure=2)
-    a = choose_peers(success, config, "seed-1")
-    assert a == choose_peers(success, config, "seed-1")
-    assert a != choose_peers(success, config, "seed-2")
-    firsts = {tuple(c.successes) for c in choose_peers(success, config, "seed-1")}
-    assert len(firsts) > 1, "peers must be drawn at random, not always the first success"
+    a = pick(success, config, "seed-1")
+    assert a == pick(success, config, "seed-1")
+    assert a != pick(success, config, "seed-2")
+    assert len({tuple(s) for s, _ in a}) > 1, "peers must be drawn at random, not always the first success"
+
+
+# -- ablation controls ----------------------------------------------------------------------------------------
+GROUPS = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+SUCCESS = [True, False, False, False, True, True, False, False, False, False, False, False]
+
+
+def test_context_none_has_no_peers():
+    peers = choose_peers(GROUPS, SUCCESS, PeerConfig(context="none"), ["a", "b", "c"])
+    assert peers == [[] for _ in SUCCESS]
+
+
+def test_random_peer_ignores_labels_but_shows_them():
+    config = PeerConfig(n_success=1, n_failure=0, context="random_peer")
+    seen = set()
+    for seed in range(60):
+        for i, peers in enumerate(choose_peers(GROUPS, SUCCESS, config, [f"{seed}:{g}" for g in range(3)])):
+            assert len(peers) == 1 and peers[0].rollout != i
+            assert peers[0].rollout in GROUPS[i // 4]
+            assert peers[0].shown_success == SUCCESS[peers[0].rollout]
+            seen.add((i, peers[0].rollout))
+    # A failure of group 0 gets failures as its peer too, which the label-based rule (1S) never allows.
+    assert (1, 2) in seen and (1, 0) in seen
+
+
+def test_unrelated_prompt_takes_successes_from_other_prompts():
+    config = PeerConfig(n_success=2, n_failure=1, context="unrelated_prompt")
+    peers = choose_peers(GROUPS, SUCCESS, config, ["a", "b", "c"])
+    for i, chosen in enumerate(peers):
+        shown_success = [p.rollout for p in chosen if p.shown_success]
+        shown_failure = [p.rollout for p in chosen if not p.shown_success]
+        assert all(SUCCESS[j] and j not in GROUPS[i // 4] for j in shown_success)
+        assert len(shown_success) == min(2, sum(SUCCESS[j] for g in GROUPS if i not in g for j in g))
+        assert all(not SUCCESS[j] and j in GROUPS[i // 4] and j != i for j in shown_failure)
+    assert len({p.rollout for p in peers[8] if p.shown_success} & {0, 4, 5}) == 2  # group 2 sees other prompts' wins
+
+
+def test_swapped_labels_show_failures_as_successes():
+    config = PeerConfig(n_success=2, n_failure=1, context="swapped_labels")
+    for i, chosen in enumerate(choose_peers(GROUPS, SUCCESS, config, ["a", "b", "c"])):
+        assert all(p.shown_success != SUCCESS[p.rollout] for p in chosen)
+        assert all(p.rollout in GROUPS[i // 4] and p.rollout != i for p in chosen)
+    group_two = choose_peers(GROUPS, SUCCESS, config, ["a", "b", "c"])[8]  # no success at all: 2 "successes" shown
+    assert sum(p.shown_success for p in group_two) == 2 and sum(not p.shown_success for p in group_two) == 0
+
+
+def test_success_only_matched_fills_failure_slots_with_successes():
+    success = [True] * 5 + [False] * 3
+    config = PeerConfig(n_success=2, n_failure=1, context="success_only_matched")
+    for i, (successes, failures) in enumerate(pick(success, config)):
+        assert failures == [] and len(successes) == 3 and i not in successes
+        assert all(success[j] for j in successes)
 
 
 def test_fill_leaves_braces_in_values():
@@ -65,13 +121,20 @@ def test_truncate_middle_keeps_head_and_tail(tokenizer):
     assert truncate_middle(ids[:5], 20, tokenizer, "[..{n}..]") == (tokenizer.decode(ids[:5]), False)
 
 
+def rollouts_of(tokenizer, responses, rewards, feedback=None, groups=None):
+    rollouts = Rollouts(groups or [0] * len(responses), [tokenizer.encode("prompt")] * len(responses), responses,
+                        [tokenizer.decode(r) for r in responses], [True] * len(responses))
+    rollouts.record_scores([Score(r, f) for r, f in zip(rewards, feedback or [None] * len(rewards))], 0.5)
+    return rollouts
+
+
 def test_truncation_never_cuts_question_or_closing(tokenizer):
-    example = Example("q1", [{"role": "system", "content": "SYS"}, {"role": "user", "content": "QUESTION?"}], "A", "mcq")
+    example = Example("q1", [{"role": "system", "content": "SYS"}, {"role": "user", "content": "QUESTION?"}], "A", "sci")
     long = tokenizer.encode("def add(a, b): return a + b " * 50)
-    responses = [long + [tokenizer.eos_token_id], long, tokenizer.encode("short")]
-    config = PeerConfig(n_success=1, n_failure=1, max_peer_tokens=16)
-    contexts = build_teacher_contexts(example, responses, [True, True, False], [None, None, "wrong"], tokenizer,
-                                      config, "k")
+    rollouts = rollouts_of(tokenizer, [long + [tokenizer.eos_token_id], long, tokenizer.encode("short")],
+                           [1.0, 1.0, 0.0], [None, None, "wrong"])
+    contexts = build_teacher_contexts([example], rollouts, tokenizer, PeerConfig(n_success=1, n_failure=1,
+                                                                                 max_peer_tokens=16), "k")
     closing = "Now solve the original question above correctly"
     for context in contexts:
         text = tokenizer.decode(context.prompt_ids)
@@ -82,17 +145,32 @@ def test_truncation_never_cuts_question_or_closing(tokenizer):
 
 
 def test_feedback_only_when_enabled(tokenizer):
-    example = Example("q", [{"role": "user", "content": "Q"}], "A", "mcq")
-    config = PeerConfig(n_success=0, n_failure=1, include_feedback=True)
-    contexts = build_teacher_contexts(example, [tokenizer.encode("a"), tokenizer.encode("b")], [False, False],
-                                      ["bad format", "bad format"], tokenizer, config, "k")
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode("a"), tokenizer.encode("b")], [0.0, 0.0],
+                           ["bad format", "bad format"])
+    contexts = build_teacher_contexts([example], rollouts, tokenizer,
+                                      PeerConfig(n_success=0, n_failure=1, include_feedback=True), "k")
     assert "Feedback on that attempt: bad format" in tokenizer.decode(contexts[0].prompt_ids)
+
+
+def test_context_none_is_the_plain_prompt_and_unrelated_shows_another_answer(tokenizer):
+    batch = [Example(q, [{"role": "user", "content": q}], "A", "sci") for q in ("Q0", "Q1")]
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in ("alpha", "beta", "gamma", "delta")],
+                           [0.0, 0.0, 1.0, 0.0], groups=[0, 0, 1, 1])
+    plain = build_teacher_contexts(batch, rollouts, tokenizer, PeerConfig(context="none"), "k")
+    assert all(c.active and c.prompt_ids == p for c, p in zip(plain, rollouts.prompt_ids))
+    unrelated = build_teacher_contexts(batch, rollouts, tokenizer,
+                                       PeerConfig(n_success=1, n_failure=0, context="unrelated_prompt"), "k")
+    text = tokenizer.decode(unrelated[0].prompt_ids)
+    assert "gamma" in text and "Q0" in text and "correct solution" in text  # prompt 1's success, shown to prompt 0
+    assert not unrelated[2].active  # the only success has no success of another prompt to see
 
 
 @pytest.mark.parametrize("field,kwargs", [
     ("model.peers", {"n_success": 0, "n_failure": 0}),
     ("model.peers.failure_when", {"failure_when": "sometimes"}),
     ("model.peers.context_template", {"context_template": "no fields"}),
+    ("model.peers.context", {"context": "imaginary_friend"}),
 ])
 def test_bad_peer_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):

@@ -20,6 +20,7 @@ def _parity():
     return lambda response, ground_truth: Score(float(len(response) % 2 == 0))
 
 
+
 def examples(n=4):
     return [Example(f"toy-{i}", [{"role": "user", "content": f"Question {i}: add {i} and 3."}], "", "parity")
             for i in range(n)]
@@ -37,7 +38,7 @@ def run(module, steps=1, batch_size=2, n=4, callbacks=()):
 def make(tiny_model, **kwargs):
     kwargs.setdefault("sampling", SamplingConfig(group_size=4, max_new_tokens=12))
     kwargs.setdefault("optim", OptimConfig(lr=1e-2))
-    return MOPDModule(model=tiny_model, **kwargs)
+    return MOPDModule(student=tiny_model, **kwargs)
 
 
 def snapshot(model):
@@ -98,12 +99,12 @@ def test_micro_batch_size_does_not_change_the_gradient(tiny_model):
 
 
 def test_non_finite_loss_skips_the_step(tiny_model, monkeypatch):
-    import mopd_lightning.module as module_file
+    import mopd_lightning.objectives as objectives
 
     def nan_loss(student_hidden, *args, **kwargs):
-        return student_hidden.sum() * float("nan"), torch.tensor(0.0)
+        return student_hidden.sum() * float("nan")
 
-    monkeypatch.setattr(module_file, "distillation_loss", nan_loss)
+    monkeypatch.setattr(objectives, "distillation_loss", nan_loss)
     module = make(tiny_model)
     module.setup("fit")
     module.configure_model()
@@ -120,11 +121,12 @@ def test_no_peer_rollouts_are_masked(tiny_model):
     module.configure_model()
     batch = examples(2)
     rollouts = module.sample(batch, "train", 4, 1.0)
-    scores = [Score(1.0 if r % 4 == 0 else 0.0) for r in range(len(rollouts))]  # one success per group
-    distillation = module.score_with_teacher(batch, rollouts, scores)
+    rollouts.record_scores([Score(1.0 if r % 4 == 0 else 0.0) for r in range(len(rollouts))], 0.5)  # one success a group
+    signal = module.training_signal(batch, rollouts)
     # Only the failures can see the single success; the success itself has no success peer.
-    assert distillation.active == [1, 2, 3, 5, 6, 7]
-    assert set(distillation.teacher_hidden) == set(distillation.active)
+    active = [r for r, c in enumerate(signal.contexts) if c.active]
+    assert active == [1, 2, 3, 5, 6, 7]
+    assert set(signal.teacher_hidden) == set(active)
 
 
 def test_sampling_is_reproducible_and_batch_independent(tiny_model):
@@ -138,27 +140,28 @@ def test_sampling_is_reproducible_and_batch_independent(tiny_model):
     assert module.sample(batch, "train", 4, 1.0).response_ids == together.response_ids
 
 
-def test_validation_reports_mean_and_pass_at_k(tiny_model):
-    module = make(tiny_model)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    loader = DataLoader(examples(4), batch_size=2, collate_fn=lambda b: b)
-    metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
-    assert 0 <= metrics["val/mean@4"] <= metrics["val/pass@4"] <= 1
-
-
 def test_reused_rollouts_get_clipped_importance_weights(tiny_model, monkeypatch):
-    import mopd_lightning.module as module_file
+    import mopd_lightning.objectives as objectives
 
     seen = []
-    real_loss = module_file.distillation_loss
+    real_loss = objectives.distillation_loss
 
     def recording_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config):
         seen.append(weights.clone())
         return real_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config)
 
-    monkeypatch.setattr(module_file, "distillation_loss", recording_loss)
+    monkeypatch.setattr(objectives, "distillation_loss", recording_loss)
     module = make(tiny_model, optim=OptimConfig(lr=5e-2, updates_per_batch=2, max_tokens_per_micro_batch=100_000))
     trainer = run(module, steps=2)
     assert trainer.global_step == 2 and len(seen) == 2  # one batch, two optimizer steps
     assert torch.equal(seen[0], torch.ones_like(seen[0]))  # on-policy: exactly 1
-    assert not torch.equal(seen[1], seen[0]) and seen[1].max() <= module.loss_config.is_clip
+    assert not torch.equal(seen[1], seen[0]) and seen[1].max() <= module.hparams.loss.is_clip
+
+
+def test_validation_reports_mean_pass_at_k_and_greedy(tiny_model):
+    module = make(tiny_model)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    loader = DataLoader(examples(4), batch_size=2, collate_fn=lambda b: b)
+    metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    assert 0 <= metrics["val/mean@4"] <= metrics["val/pass@4"] <= 1
+    assert metrics["val/greedy_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)

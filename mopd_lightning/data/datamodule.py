@@ -83,7 +83,7 @@ class PromptDataModule(pl.LightningDataModule):
             train: ``embedded`` (the generated data packaged with the domain), a local JSONL/JSON/parquet
                 file or folder, or a Hugging Face hub dataset name (``name`` or ``name:config``).
             val: like ``train``; ``holdout`` takes ``num_val`` prompts out of the training data; null for none.
-            test: like ``val``; used by ``mopd test``.
+            test: like ``train``; used by ``mopd test``.
             train_split: split name for hub datasets (``train``).
             val_split: split name for hub datasets (``validation``).
             test_split: split name for hub datasets (``test``).
@@ -104,8 +104,9 @@ class PromptDataModule(pl.LightningDataModule):
         for field, source in (("train", train), ("val", val), ("test", test)):
             if source not in (None, "embedded", "holdout"):
                 check_source(f"data.{field}", source)
-        if train == "holdout":
-            raise ValueError("data.train cannot be 'holdout'; only val and test can")
+        for field, source in (("train", train), ("test", test)):
+            if source == "holdout":
+                raise ValueError(f"data.{field} cannot be 'holdout'; only data.val can")
         self.train_source, self.val_source, self.test_source = train, val, test
         self.splits = {"train": train_split, "validation": val_split, "test": test_split}
         self.limits = {"train": num_train, "validation": num_val, "test": num_test}
@@ -148,7 +149,10 @@ class PromptDataModule(pl.LightningDataModule):
         return random.Random(self.seed).sample(examples, limit)
 
     def setup(self, stage: Optional[str] = None) -> None:
-        if "train" not in self.datasets and stage in (None, "fit"):
+        """Load what ``stage`` uses: training prompts for fit, validation prompts for fit, validate and predict
+        (``mopd analyze``), test prompts for test. ``val: holdout`` carves validation out of the training data."""
+        needs_val = stage in (None, "fit", "validate", "predict") and self.val_source is not None
+        if "train" not in self.datasets and (stage in (None, "fit") or (needs_val and self.val_source == "holdout")):
             train = self.load("train", self.train_source)
             if self.val_source == "holdout":
                 order = random.Random(self.seed).sample(range(len(train)), len(train))
@@ -156,10 +160,10 @@ class PromptDataModule(pl.LightningDataModule):
                 self.datasets["validation"] = [e for i, e in enumerate(train) if i in held]
                 train = [e for i, e in enumerate(train) if i not in held]
             self.datasets["train"] = self._limit(train, self.limits["train"])
-        for split, source in (("validation", self.val_source), ("test", self.test_source)):
-            wanted = stage in (None, "fit", "validate") if split == "validation" else stage in (None, "test")
-            if wanted and source and source != "holdout" and split not in self.datasets:
-                self.datasets[split] = self._limit(self.load(split, source), self.limits[split])
+        if needs_val and "validation" not in self.datasets:
+            self.datasets["validation"] = self._limit(self.load("validation", self.val_source), self.limits["validation"])
+        if stage in (None, "test") and self.test_source and "test" not in self.datasets:
+            self.datasets["test"] = self._limit(self.load("test", self.test_source), self.limits["test"])
 
     # -- loaders --------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
@@ -175,6 +179,10 @@ class PromptDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader | List:
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader | List:
+        """The validation prompts: ``mopd analyze`` informs choices, so it never looks at the test split."""
+        return self._eval_loader("validation")
 
     def _eval_loader(self, split: str):
         if split not in self.datasets:

@@ -6,7 +6,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from . import code, math, science, tool
+from . import code, math, sci, tool
 from .example import Example
 from .verl import accepting_verl
 
@@ -35,10 +35,10 @@ def _take(examples: List[Example], sizes: Dict[str, Optional[int]], split: str) 
     raise ValueError(f"unknown split {split!r}; expected one of {list(sizes)}")
 
 
-def _embedded_science(split: str, seed: int, system_prompt: Optional[str]) -> List[Example]:
+def _embedded_sci(split: str, seed: int, system_prompt: Optional[str]) -> List[Example]:
     sizes = {"train": 500, "validation": 100, "test": 100}
     # One generation, then sliced: the generator never repeats a question, so the splits are disjoint.
-    examples = science.generate_science(sum(sizes.values()), seed, system_prompt, prefix="sci")
+    examples = sci.generate_sci(sum(sizes.values()), seed, system_prompt, prefix="sci")
     return _take(examples, sizes, split)
 
 
@@ -65,7 +65,7 @@ def _embedded_tool(split: str, seed: int, system_prompt: Optional[str]) -> List[
 
 
 DOMAINS: Dict[str, Domain] = {
-    "sci": Domain(_embedded_science, accepting_verl(science.sciknoweval_example)),
+    "sci": Domain(_embedded_sci, accepting_verl(sci.sciknoweval_example)),
     "math": Domain(_embedded_math, accepting_verl(math.math_example)),
     "code": Domain(_embedded_code, accepting_verl(code.code_example)),
     "tool": Domain(_embedded_tool, accepting_verl(tool.tool_example)),

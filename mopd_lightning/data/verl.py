@@ -17,14 +17,14 @@ from .example import DataError, Example
 from .tool import tool_ground_truth
 
 ABILITIES = {
-    "math": "math", "code": "code", "coding": "code", "mcq": "mcq", "science": "mcq", "multiple_choice": "mcq",
+    "math": "math", "code": "code", "coding": "code", "mcq": "sci", "sci": "sci", "science": "sci", "multiple_choice": "sci",
     "tool": "tool", "tooluse": "tool", "tool_use": "tool", "function_calling": "tool",
 }
 """``ability`` values that name a verifier (lower-cased)."""
 DATA_SOURCES = (  # (verifier, words a lower-cased data_source contains); the first match wins
     ("tool", ("tool", "bfcl", "function_call", "xlam")),
     ("code", ("code", "apps", "taco", "humaneval", "mbpp", "leetcode", "primeintellect", "kodcode")),
-    ("mcq", ("sciknoweval", "gpqa", "mmlu", "mcq", "ai2_arc", "supergpqa")),
+    ("sci", ("sciknoweval", "gpqa", "mmlu", "mcq", "ai2_arc", "supergpqa")),
     ("math", ("math", "gsm8k", "aime", "amc", "deepscaler", "numina", "dapo", "olympiad", "minerva")),
 )
 
@@ -56,7 +56,7 @@ def _math_truth(value: Any, field: str) -> str:
     return value.strip()
 
 
-def _mcq_truth(value: Any, field: str) -> Any:
+def _sci_truth(value: Any, field: str) -> Any:
     if isinstance(value, str) and value.strip().startswith("{"):
         try:
             value = json.loads(value)
@@ -68,7 +68,7 @@ def _mcq_truth(value: Any, field: str) -> Any:
 
 
 GROUND_TRUTHS: Dict[str, Callable[[Any, str], Any]] = {
-    "math": _math_truth, "code": code_truth, "mcq": _mcq_truth, "tool": tool_ground_truth,
+    "math": _math_truth, "code": code_truth, "sci": _sci_truth, "tool": tool_ground_truth,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
@@ -15,11 +16,15 @@ class Score:
 
 
 Verifier = Callable[[str, Any], Score]
-_VERIFIERS: Dict[str, Callable[[], Verifier]] = {}
+_VERIFIERS: Dict[str, Callable[..., Verifier]] = {}
 
 
 def register_verifier(name: str):
-    """Register a zero-argument factory that builds the verifier for domain ``name``."""
+    """Register a factory that builds the verifier for domain ``name``.
+
+    The factory may take ``strict`` (bool): then it is told whether only the answer format the prompt asks for
+    counts (``model.verifier.strict``); a factory without that argument verifies one way.
+    """
 
     def decorate(factory):
         _VERIFIERS[name] = factory
@@ -28,8 +33,11 @@ def register_verifier(name: str):
     return decorate
 
 
-def get_verifier(name: str) -> Verifier:
-    """The verifier for domain ``name`` (``"mcq"``, ``"math"``, ``"code"``, ``"tool"``)."""
+def get_verifier(name: str, strict: bool = True) -> Verifier:
+    """The verifier for domain ``name`` (``"sci"``, ``"math"``, ``"code"``, ``"tool"``)."""
     if name not in _VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}; known: {sorted(_VERIFIERS)}")
-    return _VERIFIERS[name]()
+    factory = _VERIFIERS[name]
+    if "strict" in inspect.signature(factory).parameters:
+        return factory(strict=strict)
+    return factory()

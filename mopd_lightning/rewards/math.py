@@ -1,7 +1,7 @@
 """Math verifier: extract the final answer, then decide equivalence with the ``math-verify`` library.
 
-The answer is the last ``\\boxed{...}`` (balanced braces), else the text after the last "answer is", else the last
-number in the response. Equivalence (``3/4`` = ``\\frac{3}{4}`` = ``0.75``, ``x=2`` = ``2``) is math-verify's
+The answer is the last ``\\boxed{...}`` (balanced braces), as the prompts ask. Strict (the default) stops there;
+lenient also takes the text after the last "answer is", else the last number in the response. Equivalence (``3/4`` = ``\\frac{3}{4}`` = ``0.75``, ``x=2`` = ``2``) is math-verify's
 symbolic and numeric comparison, under its time limit.
 
 math-verify enforces that limit with ``signal.alarm``, which works only in a process's main thread. Called from
@@ -51,15 +51,15 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-def extract_answer(response: str) -> Optional[str]:
-    """The final answer written in ``response``, as text; None when there is none."""
+def extract_answer(response: str, strict: bool = True) -> Optional[str]:
+    """The final answer written in ``response``, as text; None when there is none (strict: no ``\\boxed``)."""
     answer = last_boxed(response)
-    if answer is None:
+    if answer is None and not strict:
         matches = list(_ANSWER_IS.finditer(response))
         if matches:
             answer = response[matches[-1].end() :].split("\n", 1)[0]
             answer = answer.strip().rstrip(".").strip().strip("*").strip() or None
-    if answer is None:
+    if answer is None and not strict:
         numbers = _NUMBER.findall(response)
         if numbers:
             answer = numbers[-1]
@@ -81,10 +81,10 @@ def _compact(text: str) -> str:
     return re.sub(r"\s+|\$", "", text)
 
 
-def _verify_here(response: str, ground_truth: Any) -> Score:
+def _verify_here(response: str, ground_truth: Any, strict: bool) -> Score:
     from math_verify import verify
 
-    answer = extract_answer(response)
+    answer = extract_answer(response, strict)
     if answer is None:
         return Score(0.0, "No final answer found: write the final answer as \\boxed{...}.")
     gold_text = str(ground_truth).strip()
@@ -103,25 +103,35 @@ def _verify_here(response: str, ground_truth: Any) -> Score:
 
 
 def verify_math(response: str, ground_truth: Any) -> Score:
-    """Reward 1 when the response's final answer is mathematically equivalent to ``ground_truth``."""
+    """Reward 1 when the response's boxed final answer is mathematically equivalent to ``ground_truth``."""
+    return _verify(verify_math, response, ground_truth, strict=True)
+
+
+def verify_math_lenient(response: str, ground_truth: Any) -> Score:
+    """:func:`verify_math` that also reads an unboxed answer ("the answer is 4", else the last number)."""
+    return _verify(verify_math_lenient, response, ground_truth, strict=False)
+
+
+def _verify(entry, response: str, ground_truth: Any, strict: bool) -> Score:
     if not isinstance(response, str):
         return Score(0.0, "No final answer found: the response is not text.")
     if threading.current_thread() is not threading.main_thread():
         from .parallel import call_in_process
 
-        return call_in_process(verify_math, response, ground_truth, timeout_s=6 * TIMEOUT_S)
+        return call_in_process(entry, response, ground_truth, timeout_s=6 * TIMEOUT_S)
     try:
-        return _verify_here(response, ground_truth)
+        return _verify_here(response, ground_truth, strict)
     except BaseException as e:  # noqa: BLE001 - includes math-verify's TimeoutException (a BaseException)
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         return Score(0.0, f"Could not verify the answer: {type(e).__name__}.")
 
 
-verify_math.executor = "process"  # verify_batch runs it in worker processes (signals need a main thread)
-verify_math.hard_timeout_s = 6 * TIMEOUT_S
+for _entry in (verify_math, verify_math_lenient):
+    _entry.executor = "process"  # verify_batch runs it in worker processes (signals need a main thread)
+    _entry.hard_timeout_s = 6 * TIMEOUT_S
 
 
 @register_verifier("math")
-def _math_factory():
-    return verify_math
+def _math_factory(strict: bool = True):
+    return verify_math if strict else verify_math_lenient

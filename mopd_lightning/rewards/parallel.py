@@ -6,7 +6,7 @@ A verifier says where its work belongs through an ``executor`` attribute:
 - ``"process"`` (math): CPU-bound Python that needs ``signal.alarm`` for its time limit, which only a main thread
   may use, so it runs in long-lived worker processes (``_worker.py``), each call in a worker's main thread. The
   callable must be picklable by reference (a module-level function or an instance of a module-level class);
-- ``"inline"`` (mcq, tool): microseconds of work, not worth a pool.
+- ``"inline"`` (sci, tool): microseconds of work, not worth a pool.
 
 Callables without the attribute run in threads. Verifiers never raise; a callable that does is scored 0 with the
 error as feedback, so one bad rollout cannot stop a training step.

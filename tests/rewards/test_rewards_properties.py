@@ -19,7 +19,7 @@ fragments = st.sampled_from(
 )
 responses = st.one_of(st.text(max_size=300), st.lists(fragments | st.text(max_size=5), max_size=40).map("".join))
 GROUND_TRUTHS = {
-    "mcq": st.one_of(json_values, st.sampled_from(["A", "b", "Yes", "no", "TRUE", ""])),
+    "sci": st.one_of(json_values, st.sampled_from(["A", "b", "Yes", "no", "TRUE", ""])),
     "math": st.one_of(json_values, st.sampled_from(["3/4", "\\frac{3}{4}", "x=2", "12", "\\", "{", ""])),
     "tool": st.one_of(
         json_values,
@@ -35,7 +35,7 @@ def _check(score):
     assert score.feedback is None or isinstance(score.feedback, str)
 
 
-@pytest.mark.parametrize("name", ["mcq", "math", "tool"])
+@pytest.mark.parametrize("name", ["sci", "math", "tool"])
 def test_never_raises(name):
     verifier = get_verifier(name)
 
@@ -66,7 +66,7 @@ def test_code_verifier_never_raises(response, ground_truth):
 @settings(max_examples=30, deadline=None)
 @given(response=st.one_of(st.none(), st.integers(), st.binary(max_size=10), st.lists(st.text(max_size=3))))
 def test_non_text_responses_score_zero(response):
-    for name in ("mcq", "math", "tool", "code"):
+    for name in ("sci", "math", "tool", "code"):
         score = get_verifier(name)(response, "A" if name != "code" else {"kind": "stdio", "tests": []})
         _check(score)
         assert score.reward == 0.0
@@ -82,20 +82,20 @@ def test_batch_keeps_order_and_survives_a_raising_callable():
     assert [s.reward for s in scores] == [1.0, 0.0, 0.0, 1.0]
     assert "RuntimeError" in scores[1].feedback
     with pytest.raises(ValueError):
-        verify_batch("mcq", ["a"], [])
-    assert verify_batch("mcq", [], []) == []
+        verify_batch("sci", ["a"], [])
+    assert verify_batch("sci", [], []) == []
 
 
 ADVERSARIAL = ["\\boxed{", "\\boxed", "{", "}", "[", "(", "f(", "'", "```", "```python", "<answer>", "answer is ",
                "Action: x\n", "Action Input: ", "<tool_call>", "1,", "\\frac{1}{", '{"a":', "[1,", "x(a=[", "\\"]
 
 
-@pytest.mark.parametrize("name", ["mcq", "math", "tool"])
+@pytest.mark.parametrize("name", ["sci", "math", "tool"])
 def test_adversarial_text_stays_fast(name):
     """100,000 characters of one repeated fragment: no parser may go quadratic (a rollout must not stall a step)."""
     import time
 
-    truth = {"mcq": "A", "math": "3", "tool": [{"f": {"a": [1]}}]}[name]
+    truth = {"sci": "A", "math": "3", "tool": [{"f": {"a": [1]}}]}[name]
     for fragment in ADVERSARIAL:
         text = (fragment * (100_000 // len(fragment) + 1))[:100_000]
         start = time.monotonic()

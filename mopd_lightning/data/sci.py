@@ -1,4 +1,4 @@
-"""Science multiple choice: an embedded generated dataset and the SciKnowEval row format.
+"""Science multiple choice (domain ``sci``): an embedded generated dataset and the SciKnowEval row format.
 
 The embedded questions are computed, not copied: molar masses from formulas, unit conversions and short
 physics calculations, each with three distractors built from typical mistakes. The correct letter cycles
@@ -126,7 +126,7 @@ def format_mcq(question: str, options: List[str], labels: Optional[List[str]] = 
     return "\n".join(lines + ["", MCQ_INSTRUCTION])
 
 
-def generate_science(n: int, seed: int, system_prompt: Optional[str] = None, prefix: str = "sci") -> List[Example]:
+def generate_sci(n: int, seed: int, system_prompt: Optional[str] = None, prefix: str = "sci") -> List[Example]:
     """``n`` distinct generated questions with 4 options; correct letters cycle A, B, C, D."""
     rng = random.Random(seed)
     seen, examples = set(), []
@@ -142,7 +142,7 @@ def generate_science(n: int, seed: int, system_prompt: Optional[str] = None, pre
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
             {"role": "user", "content": format_mcq(question, options)}
         ]
-        examples.append(Example(f"{prefix}-{seed}-{len(examples)}", messages, LETTERS[answer_index], "mcq"))
+        examples.append(Example(f"{prefix}-{seed}-{len(examples)}", messages, LETTERS[answer_index], "sci"))
     return examples
 
 
@@ -178,4 +178,4 @@ def sciknoweval_example(row: Mapping[str, Any], row_id: str, system_prompt: Opti
         {"role": "user", "content": content}
     ]
     meta = {"type": kind, "task": (row.get("details") or {}).get("task")}
-    return Example(row_id, messages, answer, "mcq", meta)
+    return Example(row_id, messages, answer, "sci", meta)

@@ -1,4 +1,5 @@
-"""Multiple-choice verifier: the answer is the choice inside the last ``<answer>...</answer>`` tag.
+"""Science multiple-choice verifier (domain ``sci``): the answer is the choice inside the last
+``<answer>...</answer>`` tag.
 
 Covers SciKnowEval's ``mcq-4-choices``, ``mcq-2-choices`` and ``true_or_false`` types. The ground truth is a
 letter (``"B"``), a truth value (``"Yes"``/``"No"``, ``"true"``/``"false"``, a bool), or a dict holding one of
@@ -6,9 +7,10 @@ those under ``answerKey``/``answer``/``label`` plus, optionally, the question's 
 (``{"label": [...], "text": [...]}``): then an answer written as an option's text counts as that option's
 label, so ``True`` answers a true/false question whose options are ``A: True, B: False``.
 
-Yes/true and no/false are the same answer. Without a tag, a response is still read when it is nothing but a
-choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), says "the answer is B", or starts with an
-option label (``"B. 120 N"``), as small models often answer; anything else scores 0.
+Yes/true and no/false are the same answer. Strict (the default, and the reference implementation's rule): only
+the tag the prompt asks for counts. Lenient: without a tag, a response is still read when it is nothing but a
+choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), says "the answer is B", or starts with an option
+label (``"B. 120 N"``), as small models often answer; a 135M model's "successes" are then mostly such guesses.
 """
 
 from __future__ import annotations
@@ -49,16 +51,19 @@ def last_answer_tag(response: str) -> Optional[str]:
     return response[start + len("<answer>") : end].strip() if start >= 0 else None
 
 
-def extract_choice(response: str) -> str | None:
+def extract_choice(response: str, strict: bool = True) -> str | None:
     """The choice named in the last answer tag (a letter, or TRUE/FALSE), upper-cased; None if absent.
 
-    Without a tag, a response that is only a choice (``"B"``, ``"No."``) is read as that choice.
+    Not ``strict``: without a tag, a response that is only a choice (``"B"``, ``"No."``), says "the answer is
+    B" or starts with an option label is read as that choice.
     """
     if not isinstance(response, str):
         return None
     tag = last_answer_tag(response)
     if tag is not None:
         return _choice_in(tag)
+    if strict:
+        return None
     bare = _canonical(response)
     if len(bare) == 1 and bare.isalpha() or bare in ("TRUE", "FALSE"):
         return bare
@@ -82,7 +87,7 @@ def _ground_truth(ground_truth: Any) -> tuple[str, Dict[str, str]]:
     return _canonical(ground_truth), {}
 
 
-def verify_mcq(response: str, ground_truth: Any) -> Score:
+def verify_sci(response: str, ground_truth: Any, strict: bool = True) -> Score:
     """Reward 1 when the chosen option equals ``ground_truth`` (a letter such as ``"B"``, or true/false)."""
     try:
         expected, options = _ground_truth(ground_truth)
@@ -90,7 +95,7 @@ def verify_mcq(response: str, ground_truth: Any) -> Score:
         return Score(0.0, "Invalid ground truth for a multiple-choice question.")
     if not expected:
         return Score(0.0, "Invalid ground truth: no answer given.")
-    chosen = extract_choice(response)
+    chosen = extract_choice(response, strict)
     tag = last_answer_tag(response) if isinstance(response, str) else None
     if options and tag is not None and _canonical(tag) in options:  # the option written out in full
         chosen = options[_canonical(tag)]
@@ -103,9 +108,14 @@ def verify_mcq(response: str, ground_truth: Any) -> Score:
     return Score(0.0, f"The answer {chosen} is incorrect.")
 
 
-verify_mcq.executor = "inline"
+def verify_sci_lenient(response: str, ground_truth: Any) -> Score:
+    """:func:`verify_sci` that also reads untagged answers (a bare letter, "the answer is B", "B. ...")."""
+    return verify_sci(response, ground_truth, strict=False)
 
 
-@register_verifier("mcq")
-def _mcq_factory():
-    return verify_mcq
+verify_sci.executor = verify_sci_lenient.executor = "inline"
+
+
+@register_verifier("sci")
+def _sci_factory(strict: bool = True):
+    return verify_sci if strict else verify_sci_lenient

@@ -1,4 +1,4 @@
-"""Math and multiple-choice verifiers."""
+"""Math and science multiple-choice verifiers, strict (only the format the prompt asks for) and lenient."""
 
 import json
 import threading
@@ -15,11 +15,9 @@ from mopd_lightning.rewards.math import extract_answer, last_boxed
         ("So the result is \\boxed{\\frac{1}{2}}.", "0.5"),
         ("\\boxed{0.5}", "\\frac{1}{2}"),
         ("\\boxed{1/2}", "1/2"),
-        ("The answer is $\\dfrac{3}{4}$.", "3/4"),
         ("\\boxed{0.75}", "\\frac{3}{4}"),
         ("Therefore $x = \\boxed{2}$", "x=2"),
         ("\\boxed{x = 2}", "2"),
-        ("We get 5 apples, then 7 more: 12", "12"),
         ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}"),
         ("first \\boxed{3} then corrected: \\boxed{12}", "12"),
         ("\\boxed{12{,}000}", "12000"),
@@ -27,6 +25,17 @@ from mopd_lightning.rewards.math import extract_answer, last_boxed
 )
 def test_equivalent_forms(response, ground_truth):
     assert get_verifier("math")(response, ground_truth) == Score(1.0, None)
+    assert get_verifier("math", strict=False)(response, ground_truth) == Score(1.0, None)
+
+
+@pytest.mark.parametrize("response, ground_truth", [
+    ("The answer is $\\dfrac{3}{4}$.", "3/4"),
+    ("We get 5 apples, then 7 more: 12", "12"),
+])
+def test_unboxed_answers_count_only_when_lenient(response, ground_truth):
+    assert get_verifier("math", strict=False)(response, ground_truth) == Score(1.0, None)
+    strict = get_verifier("math")(response, ground_truth)
+    assert strict.reward == 0.0 and "boxed" in strict.feedback
 
 
 @pytest.mark.parametrize(
@@ -39,7 +48,7 @@ def test_equivalent_forms(response, ground_truth):
     ],
 )
 def test_wrong_answers(response, ground_truth):
-    score = get_verifier("math")(response, ground_truth)
+    score = get_verifier("math", strict=False)(response, ground_truth)
     assert score.reward == 0.0 and "incorrect" in score.feedback
 
 
@@ -52,8 +61,9 @@ def test_extraction():
     assert last_boxed("\\boxed{\\frac{a}{b^{2}}} and \\boxed{x_{1}+\\{y\\}}") == "x_{1}+\\{y\\}"
     assert last_boxed("\\boxed 5 apples") == "5"
     assert last_boxed("cut off \\boxed{\\frac{1}{2") is None
-    assert extract_answer("The final answer is: **42**.") == "42"
-    assert extract_answer("nothing numeric") is None
+    assert extract_answer("The final answer is: **42**.", strict=False) == "42"
+    assert extract_answer("The final answer is: **42**.") is None
+    assert extract_answer("nothing numeric", strict=False) is None
 
 
 def test_math_from_a_thread_and_in_a_batch():
@@ -73,34 +83,36 @@ SKE = {"choices": {"text": ["True", "False"], "label": ["A", "B"]}, "answerKey":
 
 
 @pytest.mark.parametrize(
-    "response, ground_truth, reward",
+    "response, ground_truth, strict, lenient",
     [
-        ("<answer>B</answer>", "B", 1.0),
-        ("I think <answer>(C)</answer>", "C", 1.0),
-        ("<answer>A</answer> no wait <answer>D</answer>", "D", 1.0),
-        ("<answer>A</answer>", "B", 0.0),
-        ("<answer>Yes</answer>", "Yes", 1.0),
-        ("<answer>true</answer>", "Yes", 1.0),
-        ("<answer>No</answer>", "false", 1.0),
-        ("<answer>No.</answer>", False, 1.0),
-        ("<answer>Yes</answer>", "No", 0.0),
-        ("<answer>True</answer>", SKE, 1.0),
-        ("<answer>A</answer>", SKE, 1.0),
-        ("<answer>False</answer>", SKE, 0.0),
-        ("<answer>B</answer>", {"answer": "False", "choices": SKE["choices"]}, 1.0),
-        ("No", "No", 1.0),
-        ("B.", "B", 1.0),
-        ("The answer is B", "B", 1.0),
-        ("B. 120 N\nbecause F = ma", "B", 1.0),
-        ("7325 - B is the correct one", "B", 0.0),
-        ("Apple. It is A", "A", 0.0),
+        ("<answer>B</answer>", "B", 1.0, 1.0),
+        ("I think <answer>(C)</answer>", "C", 1.0, 1.0),
+        ("<answer>A</answer> no wait <answer>D</answer>", "D", 1.0, 1.0),
+        ("<answer>A</answer>", "B", 0.0, 0.0),
+        ("<answer>Yes</answer>", "Yes", 1.0, 1.0),
+        ("<answer>true</answer>", "Yes", 1.0, 1.0),
+        ("<answer>No</answer>", "false", 1.0, 1.0),
+        ("<answer>No.</answer>", False, 1.0, 1.0),
+        ("<answer>Yes</answer>", "No", 0.0, 0.0),
+        ("<answer>True</answer>", SKE, 1.0, 1.0),
+        ("<answer>A</answer>", SKE, 1.0, 1.0),
+        ("<answer>False</answer>", SKE, 0.0, 0.0),
+        ("<answer>B</answer>", {"answer": "False", "choices": SKE["choices"]}, 1.0, 1.0),
+        # Untagged answers: guesses a small model makes all the time, read only by the lenient verifier.
+        ("No", "No", 0.0, 1.0),
+        ("B.", "B", 0.0, 1.0),
+        ("The answer is B", "B", 0.0, 1.0),
+        ("B. 120 N\nbecause F = ma", "B", 0.0, 1.0),
+        ("7325 - B is the correct one", "B", 0.0, 0.0),
+        ("Apple. It is A", "A", 0.0, 0.0),
     ],
 )
-def test_mcq(response, ground_truth, reward):
-    assert get_verifier("mcq")(response, ground_truth).reward == reward
+def test_sci(response, ground_truth, strict, lenient):
+    assert get_verifier("sci")(response, ground_truth).reward == strict
+    assert get_verifier("sci", strict=False)(response, ground_truth).reward == lenient
 
 
-def test_mcq_on_sciknoweval_types(sciknoweval_dir):
+def test_sci_on_sciknoweval_types(sciknoweval_dir):
     """Every SciKnowEval question type the project trains on: the key (or Yes/No answer) is accepted, others not."""
     rows = [json.loads(line) for path in sorted(sciknoweval_dir.rglob("*.jsonl")) for line in open(path)]
     by_type = {}
@@ -111,6 +123,6 @@ def test_mcq_on_sciknoweval_types(sciknoweval_dir):
         row = by_type[kind]
         right = row["answerKey"] or row["answer"]
         wrong = next(c for c in (row["choices"]["label"] or ["Yes", "No"]) if c != right)
-        assert get_verifier("mcq")(f"<answer>{right}</answer>", row).reward == 1.0, kind
-        assert get_verifier("mcq")(f"<answer>{wrong}</answer>", row).reward == 0.0, kind
-        assert get_verifier("mcq")(f"<answer>{right}</answer>", right).reward == 1.0, kind
+        assert get_verifier("sci")(f"<answer>{right}</answer>", row).reward == 1.0, kind
+        assert get_verifier("sci")(f"<answer>{wrong}</answer>", row).reward == 0.0, kind
+        assert get_verifier("sci")(f"<answer>{right}</answer>", right).reward == 1.0, kind

@@ -1,0 +1,77 @@
+"""Methods: each ``model.method`` is a list of weighted objectives plus a preset of the peer settings.
+
+- ``mopd``: distillation from the teacher under the peer context (``model.peers``), optionally blended with
+  GRPO (``model.grpo.weight``, the lambda of ``lambda * GRPO + (1 - lambda) * MOPD``);
+- ``opd``: the SDPO-style self-teacher: the same, with one success peer and no failure (1S);
+- ``teacher_opd``: classic on-policy distillation: a frozen or external teacher that sees the plain prompt;
+- ``grpo``: group-relative advantages with the clipped policy-gradient objective, no teacher pass;
+- ``sft_success``: token NLL on the verified successes (rejection-sampling fine-tuning).
+
+All of them sample, verify, log and update the same way, so runs compare line by line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import List, Literal, Tuple
+
+from .config import GRPOConfig, LossConfig, PeerConfig, TeacherConfig
+from .objectives import ClippedPolicyGradient, Distillation, SuccessLikelihood
+
+log = logging.getLogger(__name__)
+
+MethodName = Literal["mopd", "opd", "teacher_opd", "grpo", "sft_success"]
+METHODS = ("mopd", "opd", "teacher_opd", "grpo", "sft_success")
+DISTILLATION_METHODS = ("mopd", "opd", "teacher_opd")
+
+
+@dataclass
+class Method:
+    """The objectives of one method, each with its weight, and the peer settings it runs with."""
+
+    name: str
+    objectives: List[Tuple[float, object]]
+    peers: PeerConfig
+
+    @property
+    def needs_teacher(self) -> bool:
+        return any(objective.needs_teacher for _, objective in self.objectives)
+
+    @property
+    def needs_advantages(self) -> bool:
+        return any(isinstance(objective, ClippedPolicyGradient) for _, objective in self.objectives)
+
+    @property
+    def needs_old_logp(self) -> bool:
+        return any(objective.needs_old_logp for _, objective in self.objectives)
+
+
+def build_method(name: str, peers: PeerConfig, teacher: TeacherConfig, loss: LossConfig,
+                 grpo: GRPOConfig) -> Method:
+    """The objectives and peer preset of ``model.method``, after checking that the settings fit it."""
+    if name not in METHODS:
+        raise ValueError(f"model.method is {name!r}; expected one of {', '.join(METHODS)}")
+    if name not in DISTILLATION_METHODS:
+        if grpo.weight != 0:
+            raise ValueError(f"model.grpo.weight blends GRPO into a distillation method; with model.method {name} "
+                             "it must stay 0")
+        objective = ClippedPolicyGradient(grpo) if name == "grpo" else SuccessLikelihood()
+        return Method(name, [(1.0, objective)], peers)
+    if name == "opd":
+        peers = _preset(peers, "opd", n_success=1, n_failure=0, context="peers")
+    elif name == "teacher_opd":
+        if teacher.kind not in ("frozen", "external"):
+            raise ValueError(f"model.teacher.kind is {teacher.kind!r}; method teacher_opd needs a separate teacher: "
+                             "'frozen' (the initial weights) or 'external' (model.teacher.path)")
+        peers = _preset(peers, "teacher_opd", context="none")
+    objectives = [(1.0 - grpo.weight, Distillation(loss)), (grpo.weight, ClippedPolicyGradient(grpo))]
+    return Method(name, [(w, o) for w, o in objectives if w > 0], peers)
+
+
+def _preset(peers: PeerConfig, method: str, **values) -> PeerConfig:
+    changed = {k: v for k, v in values.items() if getattr(peers, k) != v}
+    if changed:
+        log.info("model.method %s sets model.peers %s", method, ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return dataclasses.replace(peers, **values)

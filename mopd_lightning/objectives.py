@@ -1,0 +1,165 @@
+"""Per-token objectives: what a method minimises on a micro-batch of the student's own rollouts.
+
+The update loop (``MOPDModule.update_student``) is shared by every method: micro-batching, the global token
+normaliser, the non-finite skip, importance weights and the EMA update live there. An objective only says
+
+- ``rows``: which rollouts it reads (``forward``) and whose tokens its mean runs over (``counted``; a GRPO
+  rollout with zero advantage counts without needing a forward pass), and
+- ``loss_sum``: its summed token loss on one :class:`MicroBatch`.
+
+The loop divides each objective's sum by its own global token count and weights the objectives, so a blend
+``lambda * GRPO + (1 - lambda) * distillation`` is two token means, each exactly as in its pure method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .config import GRPOConfig, LossConfig
+from .loss import distillation_loss, token_logprobs
+from .peers import TeacherContext
+from .rollouts import Rollouts
+
+
+@dataclass
+class TrainingSignal:
+    """What the teacher phase prepared for one batch; each objective reads its own part."""
+
+    contexts: Optional[List[TeacherContext]] = None  # peer contexts (distillation)
+    teacher_hidden: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens, H)
+    teacher_weight: Optional[torch.Tensor] = None  # the teacher's output projection (V, H)
+    advantages: Optional[List[float]] = None  # per rollout (GRPO)
+    reference_logp: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens,) (KL)
+
+
+class MicroBatch:
+    """The student on some rollouts: final hidden states at the response positions (with gradient), the output
+    projection, the response tokens, and the log-probabilities recorded before the first update (if any)."""
+
+    def __init__(self, rows: Sequence[int], hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
+                 lengths: Sequence[int], old_logp: Optional[torch.Tensor] = None):
+        self.rows, self.hidden, self.weight, self.tokens = list(rows), hidden, weight, tokens
+        self.lengths, self.old_logp = list(lengths), old_logp
+
+    @cached_property
+    def logp(self) -> torch.Tensor:
+        """log p(token) of each response token under the student, differentiable."""
+        return token_logprobs(self.hidden, self.weight, self.tokens)
+
+    def current_logp(self) -> torch.Tensor:
+        """The same, detached (computed without a graph unless ``logp`` already exists)."""
+        if "logp" in self.__dict__:
+            return self.logp.detach()
+        with torch.no_grad():
+            return token_logprobs(self.hidden, self.weight, self.tokens)
+
+    def per_token(self, values: Sequence[float]) -> torch.Tensor:
+        """One value per row, repeated over that row's tokens."""
+        return torch.repeat_interleave(torch.tensor(values, dtype=torch.float32, device=self.hidden.device),
+                                       torch.tensor(self.lengths, device=self.hidden.device))
+
+    def select(self, rows: Sequence[int]) -> "MicroBatch":
+        """The tokens of ``rows`` (a subset of this micro-batch's rows, in its order)."""
+        if list(rows) == self.rows:
+            return self
+        keep = set(rows)
+        mask = torch.cat([torch.full((n,), r in keep, dtype=torch.bool) for r, n in zip(self.rows, self.lengths)])
+        mask = mask.to(self.hidden.device)
+        part = MicroBatch([r for r in self.rows if r in keep], self.hidden[mask], self.weight, self.tokens[mask],
+                          [n for r, n in zip(self.rows, self.lengths) if r in keep],
+                          None if self.old_logp is None else self.old_logp[mask])
+        if "logp" in self.__dict__:
+            part.logp = self.logp[mask]
+        return part
+
+
+class Distillation:
+    """Token-level divergence from the teacher under the peer context (MOPD, OPD, teacher-OPD).
+
+    Reused rollouts (``optim.updates_per_batch > 1``) weight each token by ``min(exp(logp - logp_old), is_clip)``
+    (detached); on the first, on-policy update that weight is exactly 1.
+    """
+
+    name = "distill"
+    needs_teacher = True
+    needs_old_logp = False
+
+    def __init__(self, config: LossConfig):
+        self.config = config
+
+    def rows(self, rollouts: Rollouts, signal: TrainingSignal) -> Tuple[List[int], List[int]]:
+        active = [r for r, context in enumerate(signal.contexts) if context.active]
+        return active, active
+
+    def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
+        teacher_hidden = torch.cat([signal.teacher_hidden[r] for r in batch.rows])
+        if batch.old_logp is None:
+            weights = torch.ones(batch.hidden.shape[0], device=batch.hidden.device)
+        else:
+            weights = (batch.current_logp() - batch.old_logp).exp().clamp(max=self.config.is_clip)
+        return distillation_loss(batch.hidden, batch.weight, teacher_hidden, signal.teacher_weight, weights,
+                                 self.config)
+
+
+def group_advantages(rollouts: Rollouts, config: GRPOConfig) -> List[float]:
+    """``(r - mean) / (std + eps)`` within each group (sample std, as TRL), or ``r - mean`` unscaled."""
+    advantages = [0.0] * len(rollouts)
+    for members in rollouts.groups:
+        rewards = torch.tensor([rollouts.reward[r] for r in members], dtype=torch.float64)
+        centred = rewards - rewards.mean()
+        if config.scale_rewards:
+            std = rewards.std() if len(members) > 1 else torch.zeros((), dtype=torch.float64)
+            centred = centred / (std + config.std_eps)
+        for r, a in zip(members, centred.tolist()):
+            advantages[r] = a
+    return advantages
+
+
+class ClippedPolicyGradient:
+    """GRPO: ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`` per token, ``ratio = exp(logp - logp_old)``,
+    plus ``kl_coef`` times the k3 estimate of KL(student || initial student). Token mean over all rollouts.
+
+    ``logp_old`` is recorded before the first update, so the first ratio is 1 with the gradient of ``logp``.
+    """
+
+    name = "grpo"
+    needs_teacher = False
+    needs_old_logp = True
+
+    def __init__(self, config: GRPOConfig):
+        self.config = config
+
+    def rows(self, rollouts: Rollouts, signal: TrainingSignal) -> Tuple[List[int], List[int]]:
+        every = list(range(len(rollouts)))
+        if self.config.kl_coef > 0:
+            return every, every
+        return [r for r in every if signal.advantages[r] != 0], every
+
+    def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
+        advantage = batch.per_token([signal.advantages[r] for r in batch.rows])
+        ratio = (batch.logp - batch.old_logp).exp()
+        clipped = ratio.clamp(1 - self.config.clip_eps, 1 + self.config.clip_eps)
+        loss = -torch.minimum(ratio * advantage, clipped * advantage)
+        if self.config.kl_coef > 0:
+            gap = torch.cat([signal.reference_logp[r] for r in batch.rows]) - batch.logp
+            loss = loss + self.config.kl_coef * (gap.exp() - gap - 1)
+        return loss.sum()
+
+
+class SuccessLikelihood:
+    """Rejection-sampling fine-tuning: token negative log-likelihood of the verified successes."""
+
+    name = "sft"
+    needs_teacher = False
+    needs_old_logp = False
+
+    def rows(self, rollouts: Rollouts, signal: TrainingSignal) -> Tuple[List[int], List[int]]:
+        successes = [r for r, ok in enumerate(rollouts.success) if ok]
+        return successes, successes
+
+    def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
+        return -batch.logp.sum()

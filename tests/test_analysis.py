@@ -1,0 +1,88 @@
+"""The teacher-signal analysis: its statistics against direct computations, and its records on a tiny model."""
+
+import random
+
+import pytest
+import torch
+from test_step import examples, make
+
+from mopd_lightning.analysis import (CONTEXT_VARIANTS, auc, bootstrap_mean, pairwise_accuracy, spearman, summarize,
+                                     teacher_signal_records, variant_peers)
+from mopd_lightning.config import PeerConfig
+
+
+def test_auc_and_pairwise_accuracy_by_hand():
+    # pairs: 3>1, 3>2, 2>1 win; 2=2 is a tie (half for AUC, nothing for pairwise accuracy)
+    assert auc([3, 2], [1, 2]) == 3.5 / 4
+    assert pairwise_accuracy([3, 2], [1, 2]) == 3 / 4
+    assert auc([0.0], [1.0]) == 0.0 and auc([1.0], [1.0]) == 0.5
+
+
+def test_spearman_is_the_pearson_correlation_of_ranks():
+    rng = random.Random(0)
+    x = [rng.random() for _ in range(20)]
+    y = [v + rng.random() for v in x]
+    rx = torch.tensor(x).argsort().argsort().double()
+    ry = torch.tensor(y).argsort().argsort().double()
+    assert spearman(x, y) == pytest.approx(float(torch.corrcoef(torch.stack([rx, ry]))[0, 1]))
+    # ties take the average rank: ranks of [1, 0, 0, 1] are [3.5, 1.5, 1.5, 3.5]
+    ranks_y = torch.tensor([3.5, 1.5, 1.5, 3.5], dtype=torch.float64)
+    expected = torch.corrcoef(torch.stack([torch.tensor([4.0, 1, 2, 3], dtype=torch.float64), ranks_y]))[0, 1]
+    assert spearman([0.9, 0.1, 0.2, 0.3], [1, 0, 0, 1]) == pytest.approx(float(expected))
+    assert spearman([1, 2, 3], [1, 1, 1]) is None
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [0.1 * i for i in range(30)]
+    first = bootstrap_mean(values, samples=500, seed=3)
+    assert first == bootstrap_mean(values, samples=500, seed=3)
+    assert first["low"] < first["mean"] < first["high"] and first["n"] == 30
+    assert bootstrap_mean([], samples=10)["mean"] is None
+
+
+def record(prompt, success, student, teacher):
+    return {"prompt": prompt, "reward": float(success), "success": success, "response_len": 5,
+            "student_logp": student, "student_entropy": 1.0,
+            "teacher": {"good": {"logp": teacher, "entropy": 1.5}, "bad": {"logp": -teacher, "entropy": 0.5},
+                        "partial": None if success else {"logp": 0.0, "entropy": 1.0}}}
+
+
+def test_summary_separates_an_informative_context_from_a_misleading_one():
+    records = [record(f"p{p}", ok, -1.0, -0.5 if ok else -2.0) for p in range(6) for ok in (True, False, False)]
+    records += [record("all-wrong", False, -1.0, -1.0)]  # no contrast: counts for the gaps, not for the AUC
+    summary = summarize(records, ["good", "bad", "partial"], samples=200)
+    good, bad = summary["variants"]["good"], summary["variants"]["bad"]
+    assert summary["prompts"] == 7 and summary["mixed_prompts"] == 6
+    assert good["auc"]["mean"] == 1.0 and good["auc"]["n"] == 6 and good["pairwise_accuracy"]["mean"] == 1.0
+    assert bad["auc"]["mean"] == 0.0 and bad["spearman"]["mean"] == pytest.approx(-1.0)
+    assert good["entropy_gap"]["mean"] == pytest.approx(0.5) and bad["entropy_gap"]["mean"] == pytest.approx(-0.5)
+    assert summary["variants"]["partial"]["auc"]["n"] == 0  # successes had no context: nothing to compare
+    assert good["rollouts_scored"] == 19 and summary["variants"]["partial"]["rollouts_scored"] == 13
+
+
+def test_variants_are_the_paper_mixes_and_controls():
+    base = PeerConfig(n_success=2, n_failure=1, failure_when="when_no_success", max_peer_tokens=99)
+    assert (variant_peers(base, "1S1F").n_success, variant_peers(base, "1S1F").n_failure) == (1, 1)
+    assert variant_peers(base, "none").context == "none" and variant_peers(base, "2S").failure_when == "always"
+    assert variant_peers(base, "swapped_labels").context == "swapped_labels"
+    assert variant_peers(base, "1F").max_peer_tokens == 99
+    assert {"none", "1S", "2S", "1F", "1S1F", "2S1F", "random_peer", "unrelated_prompt", "swapped_labels",
+            "success_only_matched"} == set(CONTEXT_VARIANTS)
+    with pytest.raises(ValueError, match="3S"):
+        variant_peers(base, "3S")
+
+
+def test_records_on_a_tiny_model(tiny_model):
+    module = make(tiny_model)
+    module.setup("fit")
+    module.configure_model()
+    records = teacher_signal_records(module, examples(3), ["none", "1S", "2S1F"])
+    assert len(records) == 12 and {r["prompt"] for r in records} == {"toy-0", "toy-1", "toy-2"}
+    for r in records:
+        # Before training the EMA teacher is the student: on the plain prompt it scores exactly like it.
+        assert r["teacher"]["none"]["logp"] == pytest.approx(r["student_logp"], abs=1e-5)
+        assert r["teacher"]["none"]["entropy"] == pytest.approx(r["student_entropy"], abs=1e-5)
+        groups = [x for x in records if x["prompt"] == r["prompt"]]
+        has_other_success = sum(x["success"] for x in groups) - r["success"] > 0
+        assert (r["teacher"]["1S"] is not None) == has_other_success
+        assert r["teacher"]["2S1F"] is not None  # every other rollout is a success or a failure
