@@ -42,10 +42,11 @@ CONTEXT_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 def variant_peers(base: PeerConfig, name: str) -> PeerConfig:
-    """``base`` (templates, budgets) with the peer mix of variant ``name``; failures always included."""
+    """``base`` (templates, budgets) with the peer mix of variant ``name``; failures always included, no gate."""
     if name not in CONTEXT_VARIANTS:
         raise ValueError(f"unknown context variant {name!r}; known: {', '.join(CONTEXT_VARIANTS)}")
-    settings = dict(n_success=base.n_success, n_failure=base.n_failure, context="peers", failure_when="always")
+    settings = dict(n_success=base.n_success, n_failure=base.n_failure, context="peers", failure_when="always",
+                    require_success=False)
     settings.update(CONTEXT_VARIANTS[name])
     return dataclasses.replace(base, **settings)
 
@@ -78,7 +79,8 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     for name in variants:
         contexts = build_teacher_contexts(batch, rollouts, module.tokenizer, variant_peers(module.peers, name),
                                           seed_key=f"{module.seed}:analyze")
-        sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts) if c.active and r in plain}
+        sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts)
+                     if c.active and r in plain}
         per_variant[name] = _mean_logp_and_entropy(score_rollouts(teacher, sequences, lengths, pad, budget),
                                                    output_weight(teacher), rollouts.response_ids)
     records = []
@@ -135,8 +137,8 @@ def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0) 
         return {"mean": None, "low": None, "high": None, "n": 0}
     rng = random.Random(seed)
     means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(samples))
-    return {"mean": sum(values) / n, "low": means[int(0.025 * (samples - 1))], "high": means[int(0.975 * (samples - 1))],
-            "n": n}
+    low, high = means[int(0.025 * (samples - 1))], means[int(0.975 * (samples - 1))]
+    return {"mean": sum(values) / n, "low": low, "high": high, "n": n}
 
 
 def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], samples: int = 1000,
@@ -174,8 +176,8 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
                 rho = spearman([s for _, s, _ in scored], [r["reward"] for r, _, _ in scored])
                 if rho is not None:
                     per_prompt["spearman"].append(rho)
-        summary["variants"][name] = {"rollouts_scored": scored_rollouts,
-                                     **{key: bootstrap_mean(values, samples, seed) for key, values in per_prompt.items()}}
+        summary["variants"][name] = {"rollouts_scored": scored_rollouts}
+        summary["variants"][name].update({key: bootstrap_mean(values, samples, seed) for key, values in per_prompt.items()})
     return summary
 
 

@@ -70,6 +70,9 @@ class PeerConfig:
             ``unrelated_prompt`` (the success peers come from other prompts of the batch),
             ``swapped_labels`` (peers chosen and shown as if every label were flipped),
             ``success_only_matched`` (the failure slots filled with further successes).
+        require_success: a context without any success peer gives no signal (the rollout is masked and counted);
+            off in the paper. Small models that rarely succeed get failure-only contexts, which the analysis
+            (``mopd analyze``) shows carry no signal at 135M while still raising the teacher's entropy.
         max_peer_tokens: token budget per peer; longer peers lose their middle (a marker shows where).
         include_feedback: add each peer's verifier feedback (off by default, and reported in the logs).
         success_template: block for one successful peer; ``{response}`` is the peer's answer.
@@ -84,6 +87,7 @@ class PeerConfig:
     failure_when: Literal["always", "when_no_success"] = "always"
     context: Literal["peers", "none", "random_peer", "unrelated_prompt", "swapped_labels",
                      "success_only_matched"] = "peers"
+    require_success: bool = False
     max_peer_tokens: int = 256
     include_feedback: bool = False
     success_template: str = "Here is a correct solution from another attempt:\n{response}\n\n"

@@ -38,12 +38,13 @@ class PassAtK(Metric):
 
 
 def training_metrics(rollouts, signal, names: List[str], weights: List[float], stats: Dict[str, Any],
-                     totals: Dict[str, Any], timer, skipped_steps: int, feedback_in_context: bool) -> Dict[str, float]:
+                     loss_sums: List[float], timer, skipped_steps: int, feedback_in_context: bool) -> Dict[str, float]:
     """The numbers logged after every training step, the same for every method (so runs compare line by line).
 
-    ``totals`` holds the loss and entropy sums already summed over ranks; the rest is this rank's.
+    ``loss_sums`` are each objective's token sums over all ranks; everything else is this rank's. The entropy
+    is the student's (temperature 1) on its own rollouts' tokens, recorded while sampling.
     """
-    losses = [total / max(n, 1.0) for total, n in zip(totals["loss_sums"], stats["normalisers"])]
+    losses = [total / max(n, 1.0) for total, n in zip(loss_sums, stats["normalisers"])]
     response_tokens = sum(map(len, rollouts.response_ids))
     metrics = {
         "train/reward": sum(rollouts.reward) / len(rollouts),
@@ -51,7 +52,7 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
         "train/mixed_group_fraction": rollouts.mixed_group_fraction,
         "train/active_fraction": stats["forward_rows"] / len(rollouts),
         "train/loss": sum(w * loss for w, loss in zip(weights, losses)),
-        "train/entropy": totals["entropy_sum"] / max(totals["entropy_tokens"], 1.0),
+        "train/entropy": sum(rollouts.entropy) / max(response_tokens, 1),
         "train/response_len": response_tokens / len(rollouts),
         "train/finished_fraction": sum(rollouts.finished) / len(rollouts),
         "train/skipped_steps": float(skipped_steps),

@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
 from .config import GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig
 from .data.example import Example
-from .loss import entropy_and_logprobs
+from .loss import token_logprobs
 from .methods import MethodName, build_method
 from .metrics import PassAtK, training_metrics
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer
@@ -171,7 +171,8 @@ class MOPDModule(pl.LightningModule):
         scores: List[Any] = [None] * len(rollouts)
         for name in sorted(set(names)):
             chosen = [r for r, n in enumerate(names) if n == name]
-            results = verify_batch(get_verifier(name, self.verifier.strict), [rollouts.response_text[r] for r in chosen],
+            results = verify_batch(get_verifier(name, self.verifier.strict),
+                                   [rollouts.response_text[r] for r in chosen],
                                    [batch[rollouts.group[r]].ground_truth for r in chosen])
             for r, score in zip(chosen, results):
                 scores[r] = score
@@ -196,9 +197,9 @@ class MOPDModule(pl.LightningModule):
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
             hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens)
             weight = output_weight(self.reference)
-            signal.reference_logp = {r: entropy_and_logprobs(h, weight, torch.tensor(rollouts.response_ids[r],
-                                                                                      device=h.device))[1]
-                                     for r, h in hidden.items()}
+            signal.reference_logp = {
+                r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device))
+                for r, h in hidden.items()}
         return signal
 
     def update_student(self, rollouts: Rollouts, signal: TrainingSignal) -> Dict[str, Any]:
@@ -224,11 +225,10 @@ class MOPDModule(pl.LightningModule):
                         old_logp: Optional[Dict[int, torch.Tensor]]) -> Dict[str, Any]:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         objectives = self.method.objectives
-        stats: Dict[str, Any] = {"loss_sums": [0.0] * len(objectives), "entropy_sum": 0.0,
-                                 "entropy_tokens": rollouts.tokens(forward)}
+        stats: Dict[str, Any] = {"loss_sums": [0.0] * len(objectives)}
         lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in forward]
         plan = plan_micro_batches(lengths, self.optim.max_tokens_per_micro_batch) or [[]]
-        anyone = self._all_reduce(float(len(forward))) > 0  # a batch without signal anywhere: a step that changes nothing
+        anyone = self._all_reduce(float(len(forward))) > 0  # no signal anywhere: a step that changes nothing
         finite = True
         for m, rows in enumerate(plan if anyone else []):
             chosen = [forward[i] for i in rows]
@@ -238,17 +238,15 @@ class MOPDModule(pl.LightningModule):
                     continue
                 batch = self._student_micro_batch(rollouts, chosen, old_logp)
                 loss = batch.hidden.new_zeros(())
-                for i, ((weight, objective), (rows_of, _), normaliser) in enumerate(zip(objectives, plans, normalisers)):
+                for i, ((weight, objective), (rows_of, _)) in enumerate(zip(objectives, plans)):
                     members = [r for r in chosen if r in rows_of]
                     if not members:
                         continue
                     part = objective.loss_sum(batch.select(members), signal)
                     stats["loss_sums"][i] += float(part.detach())
-                    loss = loss + weight * part * (self.trainer.world_size / normaliser)  # DDP averages over ranks
+                    loss = loss + weight * part * (self.trainer.world_size / normalisers[i])  # DDP averages ranks
                 finite &= bool(torch.isfinite(loss))
                 self.manual_backward(loss)
-                stats["entropy_sum"] += float(entropy_and_logprobs(batch.hidden.detach(), batch.weight.detach(),
-                                                                   batch.tokens)[0].sum())
         max_norm = self.optim.grad_clip or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
         finite = finite and bool(torch.isfinite(grad_norm))
@@ -291,15 +289,11 @@ class MOPDModule(pl.LightningModule):
     # -- logging --------------------------------------------------------------------------------------------
     def log_step(self, rollouts: Rollouts, signal: TrainingSignal, stats: Dict[str, Any], timer: PhaseTimer) -> None:
         names = [objective.name for _, objective in self.method.objectives]
-        totals = {
-            "loss_sums": [self._all_reduce(v) for v in stats["loss_sums"]],
-            "entropy_sum": self._all_reduce(stats["entropy_sum"]),
-            "entropy_tokens": self._all_reduce(float(stats["entropy_tokens"])),
-        }
-        metrics = training_metrics(rollouts, signal, names, [w for w, _ in self.method.objectives], stats, totals,
+        loss_sums = [self._all_reduce(v) for v in stats["loss_sums"]]  # summed over ranks
+        metrics = training_metrics(rollouts, signal, names, [w for w, _ in self.method.objectives], stats, loss_sums,
                                    timer, self.skipped_steps, self.peers.include_feedback)
         progress = {"train/reward", "train/loss"}
-        local = {"train/loss", "train/entropy"} | {f"train/loss_{name}" for name in names}  # already global sums
+        local = {"train/loss"} | {f"train/loss_{name}" for name in names}  # already global
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in progress, batch_size=len(rollouts.groups),
                      sync_dist=name not in local)

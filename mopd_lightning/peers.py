@@ -38,7 +38,9 @@ def choose_peers(groups: Sequence[Sequence[int]], success: Sequence[bool], confi
         elsewhere = [r for h, other in enumerate(groups) if h != g for r in other if success[r]]
         for k, i in enumerate(members):
             rng = random.Random(f"{seed_keys[g]}:{k}")
-            peers[i] = _pick(config, [j for j in members if j != i], success, elsewhere, rng)
+            chosen = _pick(config, [j for j in members if j != i], success, elsewhere, rng)
+            if not config.require_success or any(p.shown_success for p in chosen):
+                peers[i] = chosen
     return peers
 
 

@@ -24,13 +24,20 @@ def stable_seed(*parts) -> int:
 
 
 class SeededSampler:
-    """Logits processor that turns greedy decoding into sampling with per-row generators."""
+    """Logits processor that turns greedy decoding into sampling with per-row generators.
+
+    It also records the entropy of the model's next-token distribution (temperature 1) at every step: the
+    student's entropy on its own rollouts, for every method, at no extra forward pass.
+    """
 
     def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
         self.seeds, self.temperature, self.top_p, self.top_k = list(seeds), temperature, top_p, top_k
         self.generators = None
+        self.entropies: List[torch.Tensor] = []  # one (rows,) tensor per generated position
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        log_p = scores.float().log_softmax(-1)
+        self.entropies.append(-(log_p.exp() * log_p).nan_to_num().sum(-1).cpu())
         scores = scores.float() / self.temperature
         if self.top_k and self.top_k < scores.shape[-1]:
             kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
@@ -86,7 +93,11 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
         finished.append(end is not None)
     texts = tokenizer.batch_decode(responses, skip_special_tokens=True)
     groups = [p for p in range(len(prompt_ids)) for _ in range(group_size)]
-    return Rollouts(groups, rows, responses, texts, finished)
+    rollouts = Rollouts(groups, rows, responses, texts, finished)
+    if processors and processors[0].entropies:
+        steps = torch.stack(processors[0].entropies, 1)
+        rollouts.entropy = [float(steps[r, :len(ids)].sum()) for r, ids in enumerate(responses)]
+    return rollouts
 
 
 def _stop_token_ids(model, tokenizer) -> List[int]:

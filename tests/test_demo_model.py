@@ -17,7 +17,7 @@ def test_one_step_on_the_demo_model():
 
     data = PromptDataModule(batch_size=2)
     data.setup("fit")
-    module = MOPDModule(model="demo", sampling=SamplingConfig(group_size=2, max_new_tokens=24),
+    module = MOPDModule(student="demo", sampling=SamplingConfig(group_size=2, max_new_tokens=24),
                         optim=OptimConfig(lr=1e-5))
     module.setup("fit")
     module.configure_model()

@@ -175,3 +175,11 @@ def test_context_none_is_the_plain_prompt_and_unrelated_shows_another_answer(tok
 def test_bad_peer_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
         PeerConfig(**kwargs)
+
+
+def test_require_success_masks_failure_only_contexts():
+    config = PeerConfig(n_success=2, n_failure=1, require_success=True)
+    choices = pick([True, False, False, False], config)
+    assert choices[0] == ([], [])  # only failures to show: no context
+    assert all(s == [0] and len(f) == 1 for s, f in choices[1:])
+    assert pick([False] * 4, PeerConfig(n_success=0, n_failure=1, require_success=True)) == [([], [])] * 4

@@ -165,3 +165,18 @@ def test_validation_reports_mean_pass_at_k_and_greedy(tiny_model):
     metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
     assert 0 <= metrics["val/mean@4"] <= metrics["val/pass@4"] <= 1
     assert metrics["val/greedy_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def test_sampling_records_the_student_entropy_of_each_rollout(tiny_model):
+    module = make(tiny_model)
+    module.setup("fit")
+    module.configure_model()
+    rollouts = module.sample(examples(2), "train", 4, 0.7)  # the entropy is the model's, whatever the temperature
+    for r in (0, 5):
+        ids = torch.tensor([rollouts.prompt_ids[r] + rollouts.response_ids[r]])
+        n = len(rollouts.response_ids[r])
+        with torch.no_grad():
+            log_p = module.student(input_ids=ids).logits[0, -n - 1:-1].double().log_softmax(-1)
+        expected = -(log_p.exp() * log_p).sum()
+        assert rollouts.entropy[r] == pytest.approx(float(expected), rel=1e-3)
+    assert module.sample(examples(1), "val", 1, 0.0).entropy == []  # greedy decoding records nothing

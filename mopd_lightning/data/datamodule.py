@@ -161,7 +161,8 @@ class PromptDataModule(pl.LightningDataModule):
                 train = [e for i, e in enumerate(train) if i not in held]
             self.datasets["train"] = self._limit(train, self.limits["train"])
         if needs_val and "validation" not in self.datasets:
-            self.datasets["validation"] = self._limit(self.load("validation", self.val_source), self.limits["validation"])
+            examples = self.load("validation", self.val_source)
+            self.datasets["validation"] = self._limit(examples, self.limits["validation"])
         if stage in (None, "test") and self.test_source and "test" not in self.datasets:
             self.datasets["test"] = self._limit(self.load("test", self.test_source), self.limits["test"])
 

@@ -17,7 +17,8 @@ from .example import DataError, Example
 from .tool import tool_ground_truth
 
 ABILITIES = {
-    "math": "math", "code": "code", "coding": "code", "mcq": "sci", "sci": "sci", "science": "sci", "multiple_choice": "sci",
+    "math": "math", "code": "code", "coding": "code",
+    "sci": "sci", "mcq": "sci", "science": "sci", "multiple_choice": "sci",
     "tool": "tool", "tooluse": "tool", "tool_use": "tool", "function_calling": "tool",
 }
 """``ability`` values that name a verifier (lower-cased)."""

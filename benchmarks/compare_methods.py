@@ -1,0 +1,253 @@
+"""Methods side by side on the embedded demo: the base model, MOPD, OPD, GRPO, SFT on successes, the blend.
+
+    python benchmarks/compare_methods.py [--config configs/sci.yaml] [--steps 30] [--seeds 0 1]
+        [--methods base mopd opd grpo sft_success blend] [--eval-prompts 100] [--eval-split test]
+        [--extra "--model.optim.lr 1e-6"] [--variant "name=--model.peers.n_failure 0"]
+
+Every method trains from the same config (``--config``, as the README's main command runs it) with the same
+seeds, prompts and sampling budget, then answers the held-out test prompts: greedy accuracy and mean@k, under
+the strict verifier (what training optimises) and the lenient one (an answer without the format also counts),
+with bootstrap 95% intervals over prompts and the paired difference to the base model. Training curves come
+from the per-step logs. Each finished run is cached in ``<out>/runs/``; re-running skips it.
+
+Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/results/compare_sci``).
+``teacher_opd`` needs a separate teacher (``--teacher PATH``); the demo has none. ``--extra`` adds settings to
+every arm; ``--variant name=settings`` adds an arm of its own. Settings are chosen with ``--eval-split
+validation``; the test split only reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+import lightning.pytorch as pl
+import torch
+
+from mopd_lightning.analysis import bootstrap_mean
+from mopd_lightning.cli import MOPDCLI, MOPDTrainer
+from mopd_lightning.data import PromptDataModule
+from mopd_lightning.module import MOPDModule
+from mopd_lightning.rewards import get_verifier, verify_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+ARMS = {  # method -> overrides of the config
+    "mopd": [],
+    "opd": ["--model.method", "opd"],
+    "grpo": ["--model.method", "grpo"],
+    "sft_success": ["--model.method", "sft_success"],
+    "blend": ["--model.grpo.weight", "0.5"],
+    "teacher_opd": ["--model.method", "teacher_opd", "--model.teacher.kind", "external"],
+}
+CURVES = ("train/reward", "train/success_rate", "train/entropy", "train/response_len", "train/loss",
+          "train/active_fraction")
+
+
+class Curves(pl.Callback):
+    def __init__(self):
+        self.rows: List[Dict[str, float]] = []
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        metrics = trainer.callback_metrics
+        self.rows.append({k: float(metrics[k]) for k in CURVES + ("time/step_s",) if k in metrics})
+
+
+def build(config: str, seed: int, extra: List[str]):
+    """Module, data and trainer exactly as ``mopd fit --config <config>`` builds them, without logs or
+    checkpoints, and without the in-training validation (the comparison evaluates once, at the end)."""
+    args = ["--config", config, "--seed_everything", str(seed), "--model.seed", str(seed), "--data.seed", str(seed),
+            "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            *extra]
+    cli = MOPDCLI(MOPDModule, PromptDataModule, trainer_class=MOPDTrainer, args=args, run=False,
+                  seed_everything_default=seed, save_config_callback=None)
+    return cli.model, cli.datamodule, cli.trainer
+
+
+@torch.no_grad()
+def evaluate(module: MOPDModule, examples, k: int, batch_size: int) -> Dict[str, List[float]]:
+    """Per prompt: greedy correctness and the mean over k sampled answers, strict and lenient verifier."""
+    module.eval()
+    out: Dict[str, List[float]] = {f"{kind}_{mode}": [] for kind in ("greedy", f"mean@{k}") for mode in ("strict",
+                                                                                                          "lenient")}
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        for kind, n, temperature in (("greedy", 1, 0.0), (f"mean@{k}", k, module.sampling.val_temperature)):
+            rollouts = module.sample(batch, "test", n, temperature)
+            for mode, strict in (("strict", True), ("lenient", False)):
+                scores = verify_batch(get_verifier(batch[0].verifier, strict), rollouts.response_text,
+                                      [batch[g].ground_truth for g in rollouts.group])
+                success = [s.reward >= module.verifier.success_threshold for s in scores]
+                for p in range(len(batch)):
+                    out[f"{kind}_{mode}"].append(sum(success[p * n:(p + 1) * n]) / n)
+    module.train()
+    return out
+
+
+def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
+    extra = args.extra.split() + list(args.arms.get(arm, []))
+    extra += ["--model.teacher.path", args.teacher] if arm == "teacher_opd" else []
+    steps = 0 if arm == "base" else args.steps
+    module, data, trainer = build(args.config, seed, extra + ["--trainer.max_steps", str(max(steps, 1))])
+    started = time.perf_counter()
+    curves = Curves()
+    if steps:
+        trainer.callbacks.append(curves)
+        trainer.fit(module, datamodule=data)
+    else:
+        module.setup("test")
+        module.configure_model()
+    train_s = time.perf_counter() - started
+    split = "test" if args.eval_split == "test" else "validation"
+    data.setup("test" if split == "test" else "validate")
+    examples = data.datasets[split][: args.eval_prompts]
+    evaluation = evaluate(module, examples, args.k, args.eval_batch_size)
+    return {"arm": arm, "seed": seed, "steps": steps, "settings": extra, "split": split, "train_s": train_s,
+            "eval_s": time.perf_counter() - started - train_s, "curves": curves.rows,
+            "prompts": [e.id for e in examples], "per_prompt": evaluation}
+
+
+def summarize(runs: List[Dict[str, Any]], arms: List[str], samples: int) -> Dict[str, Any]:
+    """Per arm and metric: mean over seeds of the per-prompt means (bootstrap over prompts), and the paired
+    difference to the base model on the same prompts."""
+    base = next((r for r in runs if r["arm"] == "base"), None)
+    table = {}
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        if not mine:
+            continue
+        table[arm] = {}
+        for metric in mine[0]["per_prompt"]:
+            per_prompt = [sum(r["per_prompt"][metric][i] for r in mine) / len(mine) for i in range(len(mine[0]["prompts"]))]
+            entry = {"value": bootstrap_mean(per_prompt, samples)}
+            if base is not None and arm != "base":
+                entry["vs_base"] = bootstrap_mean([v - b for v, b in zip(per_prompt, base["per_prompt"][metric])], samples)
+            table[arm][metric] = entry
+        table[arm]["seeds"] = [r["seed"] for r in mine]
+        table[arm]["train_s"] = sum(r["train_s"] for r in mine) / len(mine)
+    return table
+
+
+def _fmt(stat) -> str:
+    return "n/a" if stat["mean"] is None else f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def write(out: Path, runs, table, args, wall_s: float) -> None:
+    k = args.k
+    meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "config": args.config, "steps": args.steps,
+            "seeds": args.seeds, "eval_prompts": args.eval_prompts, "k": k, "wall_s": wall_s,
+            "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "runs": runs}, indent=1))
+    lines = [f"# Methods compared on `{args.config}` ({args.steps} steps, seeds {args.seeds})", "",
+             f"Settings of each arm: " + "; ".join(f"{a}: `{' '.join(r['settings']) or '(config)'}`"
+                                                  for a, r in {r['arm']: r for r in runs}.items()) + ".", "",
+             f"Held-out {args.eval_split} prompts: {args.eval_prompts}; mean over seeds per prompt, bootstrap 95% intervals over "
+             f"prompts; `vs base` is the paired difference. Strict: only `<answer>X</answer>` counts; lenient: a bare "
+             f"letter counts too. Compute time {wall_s / 3600:.2f} h; command: "
+             f"`{meta['command']}`.", "",
+             "| method | greedy (strict) | vs base | mean@k (strict) | vs base | greedy (lenient) | vs base | "
+             f"mean@{k} (lenient) | vs base | train s/seed |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for arm, row in table.items():
+        cells = []
+        for metric in ("greedy_strict", f"mean@{k}_strict", "greedy_lenient", f"mean@{k}_lenient"):
+            cells += [_fmt(row[metric]["value"]), _fmt(row[metric]["vs_base"]) if "vs_base" in row[metric] else "-"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + f" | {row['train_s']:.0f} |")
+    lines += ["", "Last training step, mean over seeds (reward and success rate under the strict verifier):", "",
+              "| method | reward | entropy | response length | active fraction |", "|---|---|---|---|---|"]
+    for arm in table:
+        last = [r["curves"][-1] for r in runs if r["arm"] == arm and r["curves"]]
+        if last:
+            mean = {key: sum(row.get(key, 0.0) for row in last) / len(last) for key in CURVES}
+            lines.append(f"| {arm} | {mean['train/reward']:.3f} | {mean['train/entropy']:.2f} | "
+                         f"{mean['train/response_len']:.1f} | {mean['train/active_fraction']:.2f} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(out.with_suffix(".png"), runs, table, k)
+    print("\n".join(lines))
+
+
+def plot(path: Path, runs, table, k: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for ax, key in zip(axes[:3], ("train/reward", "train/entropy", "train/response_len")):
+        for arm in table:
+            curves = [r["curves"] for r in runs if r["arm"] == arm and r["curves"]]
+            if not curves:
+                continue
+            n = min(map(len, curves))
+            ax.plot(range(n), [sum(c[i].get(key, float("nan")) for c in curves) / len(curves) for i in range(n)],
+                    label=arm)
+        ax.set_xlabel("step")
+        ax.set_title(f"{key} (mean over seeds)")
+        ax.legend(fontsize=8)
+    arms = list(table)
+    for offset, metric in ((-0.2, "greedy_strict"), (0.0, f"mean@{k}_strict"), (0.2, "greedy_lenient")):
+        stats = [table[a][metric]["value"] for a in arms]
+        axes[3].errorbar([i + offset for i in range(len(arms))], [s["mean"] for s in stats],
+                         yerr=[[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]],
+                         fmt="o", capsize=3, label=metric)
+    axes[3].set_xticks(range(len(arms)))
+    axes[3].set_xticklabels(arms, rotation=30, ha="right")
+    axes[3].set_title("held-out accuracy (95% interval)")
+    axes[3].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / "sci.yaml"))
+    parser.add_argument("--methods", nargs="+", default=["base", "mopd", "opd", "grpo", "sft_success", "blend"])
+    parser.add_argument("--variant", action="append", default=[], help="NAME=SETTINGS: one more arm")
+    parser.add_argument("--extra", default="", help="settings added to every arm")
+    parser.add_argument("--eval-split", choices=["test", "validation"], default="test")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--eval-batch-size", type=int, default=25)
+    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint for teacher_opd")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_sci"))
+    args = parser.parse_args()
+    args.arms = {name: list(settings) for name, settings in ARMS.items()}
+    for variant in args.variant:
+        name, _, settings = variant.partition("=")
+        args.arms[name] = settings.split()
+        if name not in args.methods:
+            args.methods.append(name)
+    unknown = [m for m in args.methods if m != "base" and m not in args.arms]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; known: base, {', '.join(args.arms)}")
+    if "teacher_opd" in args.methods and not args.teacher:
+        parser.error("teacher_opd needs --teacher PATH (a separate teacher with the student's tokenizer)")
+    out = Path(args.out)
+    cache = out.parent / "runs" / out.name
+    cache.mkdir(parents=True, exist_ok=True)
+    runs = []
+    for arm in args.methods:
+        for seed in ([args.seeds[0]] if arm == "base" else args.seeds):
+            path = cache / f"{arm}_seed{seed}_steps{args.steps}.json"
+            if path.exists():
+                runs.append(json.loads(path.read_text()))
+                continue
+            print(f"== {arm}, seed {seed}", flush=True)
+            result = run_arm(arm, seed, args)
+            path.write_text(json.dumps(result))
+            runs.append(result)
+            print(f"   trained {result['train_s']:.0f} s, evaluated {result['eval_s']:.0f} s", flush=True)
+    table = summarize(runs, args.methods, args.bootstrap)
+    write(out, runs, table, args, sum(r["train_s"] + r["eval_s"] for r in runs))
+
+
+if __name__ == "__main__":
+    main()
