@@ -36,13 +36,13 @@ from mopd_lightning.module import MOPDModule
 from mopd_lightning.rewards import get_verifier, verify_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {  # method -> overrides of the config
-    "mopd": [],
-    "opd": ["--model.method", "opd"],
-    "grpo": ["--model.method", "grpo"],
-    "sft_success": ["--model.method", "sft_success"],
+ARMS = {  # method -> overrides of the config (the config may itself set a blend: pure methods reset it)
+    "mopd": ["--model.grpo.weight", "0"],
+    "opd": ["--model.method", "opd", "--model.grpo.weight", "0"],
+    "grpo": ["--model.method", "grpo", "--model.grpo.weight", "0"],
+    "sft_success": ["--model.method", "sft_success", "--model.grpo.weight", "0"],
     "blend": ["--model.grpo.weight", "0.5"],
-    "teacher_opd": ["--model.method", "teacher_opd", "--model.teacher.kind", "external"],
+    "teacher_opd": ["--model.method", "teacher_opd", "--model.teacher.kind", "external", "--model.grpo.weight", "0"],
 }
 CURVES = ("train/reward", "train/success_rate", "train/entropy", "train/response_len", "train/loss",
           "train/active_fraction")
@@ -143,27 +143,32 @@ def write(out: Path, runs, table, args, wall_s: float) -> None:
             "seeds": args.seeds, "eval_prompts": args.eval_prompts, "k": k, "wall_s": wall_s,
             "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "runs": runs}, indent=1))
-    lines = [f"# Methods compared on `{args.config}` ({args.steps} steps, seeds {args.seeds})", "",
+    lines = [f"# Methods compared on `{Path(args.config).name}` ({args.steps} steps, seeds {args.seeds})", "",
+             *([args.note, ""] if args.note else []),
              f"Settings of each arm: " + "; ".join(f"{a}: `{' '.join(r['settings']) or '(config)'}`"
                                                   for a, r in {r['arm']: r for r in runs}.items()) + ".", "",
              f"Held-out {args.eval_split} prompts: {args.eval_prompts}; mean over seeds per prompt, bootstrap 95% intervals over "
              f"prompts; `vs base` is the paired difference. Strict: only `<answer>X</answer>` counts; lenient: a bare "
              f"letter counts too. Compute time {wall_s / 3600:.2f} h; command: "
              f"`{meta['command']}`.", "",
-             "| method | greedy (strict) | vs base | mean@k (strict) | vs base | greedy (lenient) | vs base | "
+             f"| method | greedy (strict) | vs base | mean@{k} (strict) | vs base | greedy (lenient) | vs base | "
              f"mean@{k} (lenient) | vs base | train s/seed |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm, row in table.items():
         cells = []
         for metric in ("greedy_strict", f"mean@{k}_strict", "greedy_lenient", f"mean@{k}_lenient"):
             cells += [_fmt(row[metric]["value"]), _fmt(row[metric]["vs_base"]) if "vs_base" in row[metric] else "-"]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {row['train_s']:.0f} |")
-    lines += ["", "Last training step, mean over seeds (reward and success rate under the strict verifier):", "",
-              "| method | reward | entropy | response length | active fraction |", "|---|---|---|---|---|"]
+    lines += ["", "Training, first step and mean of the last 5 steps over seeds (reward under each arm's own verifier; "
+              "entropy of the student on its own rollouts):", "",
+              "| method | reward | entropy (step 0) | entropy | response length | active fraction |",
+              "|---|---|---|---|---|---|"]
     for arm in table:
-        last = [r["curves"][-1] for r in runs if r["arm"] == arm and r["curves"]]
+        last = [row for r in runs if r["arm"] == arm for row in r["curves"][-5:]]
+        first = [r["curves"][0] for r in runs if r["arm"] == arm and r["curves"]]
         if last:
             mean = {key: sum(row.get(key, 0.0) for row in last) / len(last) for key in CURVES}
-            lines.append(f"| {arm} | {mean['train/reward']:.3f} | {mean['train/entropy']:.2f} | "
+            start = sum(row["train/entropy"] for row in first) / len(first)
+            lines.append(f"| {arm} | {mean['train/reward']:.3f} | {start:.2f} | {mean['train/entropy']:.2f} | "
                          f"{mean['train/response_len']:.1f} | {mean['train/active_fraction']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(out.with_suffix(".png"), runs, table, k)
@@ -189,7 +194,8 @@ def plot(path: Path, runs, table, k: int) -> None:
         ax.set_title(f"{key} (mean over seeds)")
         ax.legend(fontsize=8)
     arms = list(table)
-    for offset, metric in ((-0.2, "greedy_strict"), (0.0, f"mean@{k}_strict"), (0.2, "greedy_lenient")):
+    metrics = ("greedy_strict", f"mean@{k}_strict", "greedy_lenient", f"mean@{k}_lenient")
+    for offset, metric in zip((-0.3, -0.1, 0.1, 0.3), metrics):
         stats = [table[a][metric]["value"] for a in arms]
         axes[3].errorbar([i + offset for i in range(len(arms))], [s["mean"] for s in stats],
                          yerr=[[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]],
@@ -218,6 +224,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint for teacher_opd")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_sci"))
+    parser.add_argument("--note", default="", help="a paragraph for the report (what the config held, the load)")
     args = parser.parse_args()
     args.arms = {name: list(settings) for name, settings in ARMS.items()}
     for variant in args.variant:

@@ -188,8 +188,9 @@ def _cell(stat: Dict[str, Optional[float]]) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}] (n={stat['n']})"
 
 
-def markdown_report(summary: Dict[str, Any], title: str) -> str:
-    lines = [f"# {title}", "",
+def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str, Any]] = None) -> str:
+    settings = ", ".join(f"{k}: {v}" for k, v in (meta or {}).items() if k != "wall_s")
+    lines = [f"# {title}", "", *([f"Settings: {settings}.", ""] if settings else []),
              f"{summary['prompts']} prompts, {summary['rollouts']} rollouts, success rate "
              f"{summary['success_rate']:.3f}, {summary['mixed_prompts']} prompts with both a success and a failure.",
              "", "Score = teacher mean log-prob minus student mean log-prob on the rollout's own tokens. AUC, pairwise "
@@ -238,6 +239,6 @@ def write_report(summary: Dict[str, Any], records: Sequence[Dict[str, Any]], out
     title = f"Teacher-signal analysis: {meta.get('student', 'student')}"
     (folder / "analysis.json").write_text(json.dumps({"meta": meta, "summary": summary, "records": list(records)},
                                                      indent=1))
-    (folder / "analysis.md").write_text(markdown_report(summary, title))
+    (folder / "analysis.md").write_text(markdown_report(summary, title, meta))
     plot_report(summary, folder / "analysis.png", title)
     return folder

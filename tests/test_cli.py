@@ -26,7 +26,10 @@ def mopd(*args, cwd, check=True, timeout=600):
 
 
 def tiny_args(tiny_model, steps, *extra):
+    """sci.yaml on the tiny model, as pure MOPD: its random text never succeeds, so the demo's success gate and
+    GRPO blend would leave nothing to train on."""
     return ["fit", "--config", CONFIG, "--model.student", tiny_model, "--model.sampling.max_new_tokens", "8",
+            "--model.peers.require_success", "false", "--model.grpo.weight", "0",
             "--model.sampling.group_size", "2", "--data.batch_size", "2", "--data.num_train", "16",
             "--trainer.max_steps", steps, "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar",
             "false", "--model.optim.lr", "1e-2", *extra]

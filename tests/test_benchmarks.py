@@ -1,0 +1,26 @@
+"""The comparison benchmark end to end on the tiny model (seconds), so the script that backs the README's
+numbers keeps working."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_compare_methods_writes_its_tables(tiny_model, tmp_path):
+    out = tmp_path / "compare_tiny"
+    command = [sys.executable, str(ROOT / "benchmarks" / "compare_methods.py"), "--steps", "1", "--seeds", "0", "1",
+               "--eval-prompts", "4", "--eval-batch-size", "2", "--bootstrap", "50", "--methods", "base", "grpo",
+               "--variant", "gated=--model.grpo.weight 0 --model.peers.require_success false", "--eval-split",
+               "validation", "--extra", f"--model.student {tiny_model} --model.sampling.max_new_tokens 6 "
+               "--data.num_train 8", "--out", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert list(report["table"]) == ["base", "grpo", "gated"]
+    assert {r["arm"] for r in report["runs"]} == {"base", "grpo", "gated"} and len(report["runs"]) == 5
+    assert all(r["split"] == "validation" and len(r["per_prompt"]["greedy_strict"]) == 4 for r in report["runs"])
+    assert "vs base" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
+    assert not (tmp_path / "config.yaml").exists()
