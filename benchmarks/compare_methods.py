@@ -7,7 +7,9 @@
 Every method trains from the same config (``--config``, as the README's main command runs it) with the same
 seeds, prompts and sampling budget, then answers the held-out test prompts: greedy accuracy and mean@k, under
 the strict verifier (what training optimises) and the lenient one (an answer without the format also counts),
-with bootstrap 95% intervals over prompts and the paired difference to the base model. Training curves come
+with bootstrap 95% intervals over prompts and the paired difference to the base model. A seed sets the
+sampling and the embedded data alike (training and test prompts), so the base model is evaluated once per
+seed and differences are paired within a seed. Training curves come
 from the per-step logs. Each finished run is cached in ``<out>/runs/``; re-running skips it.
 
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/results/compare_sci``).
@@ -112,10 +114,14 @@ def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
             "prompts": [e.id for e in examples], "per_prompt": evaluation}
 
 
+def _mean_by_position(lists: List[List[float]]) -> List[float]:
+    return [sum(values) / len(values) for values in zip(*lists)]
+
+
 def summarize(runs: List[Dict[str, Any]], arms: List[str], samples: int) -> Dict[str, Any]:
-    """Per arm and metric: mean over seeds of the per-prompt means (bootstrap over prompts), and the paired
-    difference to the base model on the same prompts."""
-    base = next((r for r in runs if r["arm"] == "base"), None)
+    """Per arm and metric: the mean over seeds at each prompt position (bootstrap over positions), and the
+    difference to the base model, paired within a seed (each seed draws its own embedded prompts)."""
+    base = {r["seed"]: r for r in runs if r["arm"] == "base"}
     table = {}
     for arm in arms:
         mine = [r for r in runs if r["arm"] == arm]
@@ -123,10 +129,15 @@ def summarize(runs: List[Dict[str, Any]], arms: List[str], samples: int) -> Dict
             continue
         table[arm] = {}
         for metric in mine[0]["per_prompt"]:
-            per_prompt = [sum(r["per_prompt"][metric][i] for r in mine) / len(mine) for i in range(len(mine[0]["prompts"]))]
-            entry = {"value": bootstrap_mean(per_prompt, samples)}
-            if base is not None and arm != "base":
-                entry["vs_base"] = bootstrap_mean([v - b for v, b in zip(per_prompt, base["per_prompt"][metric])], samples)
+            entry = {"value": bootstrap_mean(_mean_by_position([r["per_prompt"][metric] for r in mine]), samples)}
+            if arm != "base" and all(r["seed"] in base for r in mine):
+                differences = []
+                for r in mine:
+                    reference = base[r["seed"]]
+                    if r["prompts"] != reference["prompts"]:
+                        raise ValueError(f"{arm} seed {r['seed']} was evaluated on other prompts than the base model")
+                    differences.append([v - b for v, b in zip(r["per_prompt"][metric], reference["per_prompt"][metric])])
+                entry["vs_base"] = bootstrap_mean(_mean_by_position(differences), samples)
             table[arm][metric] = entry
         table[arm]["seeds"] = [r["seed"] for r in mine]
         table[arm]["train_s"] = sum(r["train_s"] for r in mine) / len(mine)
@@ -147,8 +158,9 @@ def write(out: Path, runs, table, args, wall_s: float) -> None:
              *([args.note, ""] if args.note else []),
              f"Settings of each arm: " + "; ".join(f"{a}: `{' '.join(r['settings']) or '(config)'}`"
                                                   for a, r in {r['arm']: r for r in runs}.items()) + ".", "",
-             f"Held-out {args.eval_split} prompts: {args.eval_prompts}; mean over seeds per prompt, bootstrap 95% intervals over "
-             f"prompts; `vs base` is the paired difference. Strict: only `<answer>X</answer>` counts; lenient: a bare "
+             f"Held-out {args.eval_split} prompts: {args.eval_prompts} per seed (each seed generates its own data); mean "
+             f"over seeds at each prompt position, bootstrap 95% intervals over positions; `vs base` is the "
+             f"difference to the base model on the same prompts. Strict: only `<answer>X</answer>` counts; lenient: a bare "
              f"letter counts too. Compute time {wall_s / 3600:.2f} h; command: "
              f"`{meta['command']}`.", "",
              f"| method | greedy (strict) | vs base | mean@{k} (strict) | vs base | greedy (lenient) | vs base | "
@@ -242,7 +254,7 @@ def main() -> None:
     cache.mkdir(parents=True, exist_ok=True)
     runs = []
     for arm in args.methods:
-        for seed in ([args.seeds[0]] if arm == "base" else args.seeds):
+        for seed in args.seeds:
             path = cache / f"{arm}_seed{seed}_steps{args.steps}.json"
             if path.exists():
                 runs.append(json.loads(path.read_text()))

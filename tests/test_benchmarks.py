@@ -20,7 +20,10 @@ def test_compare_methods_writes_its_tables(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert list(report["table"]) == ["base", "grpo", "gated"]
-    assert {r["arm"] for r in report["runs"]} == {"base", "grpo", "gated"} and len(report["runs"]) == 5
+    assert {r["arm"] for r in report["runs"]} == {"base", "grpo", "gated"} and len(report["runs"]) == 6
+    base = {r["seed"]: r["prompts"] for r in report["runs"] if r["arm"] == "base"}
+    assert all(r["prompts"] == base[r["seed"]] for r in report["runs"])  # differences are paired within a seed
+    assert "vs_base" in report["table"]["grpo"]["greedy_strict"]
     assert all(r["split"] == "validation" and len(r["per_prompt"]["greedy_strict"]) == 4 for r in report["runs"])
     assert "vs base" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
     assert not (tmp_path / "config.yaml").exists()
