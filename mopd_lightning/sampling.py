@@ -33,11 +33,11 @@ class SeededSampler:
     def __init__(self, seeds: Sequence[int], temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0):
         self.seeds, self.temperature, self.top_p, self.top_k = list(seeds), temperature, top_p, top_k
         self.generators = None
-        self.entropies: List[torch.Tensor] = []  # one (rows,) tensor per generated position
+        self.entropies: List[torch.Tensor] = []  # one (rows,) tensor per generated position, left on the device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         log_p = scores.float().log_softmax(-1)
-        self.entropies.append(-(log_p.exp() * log_p).nan_to_num().sum(-1).cpu())
+        self.entropies.append(-(log_p.exp() * log_p).nan_to_num().sum(-1))
         scores = scores.float() / self.temperature
         if self.top_k and self.top_k < scores.shape[-1]:
             kth = torch.topk(scores, self.top_k, dim=-1).values[..., -1:]
@@ -95,8 +95,10 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
     groups = [p for p in range(len(prompt_ids)) for _ in range(group_size)]
     rollouts = Rollouts(groups, rows, responses, texts, finished)
     if processors and processors[0].entropies:
-        steps = torch.stack(processors[0].entropies, 1)
-        rollouts.entropy = [float(steps[r, :len(ids)].sum()) for r, ids in enumerate(responses)]
+        steps = torch.stack(processors[0].entropies, 1)  # (rows, generated positions)
+        lengths = torch.tensor([len(ids) for ids in responses], device=steps.device)
+        inside = torch.arange(steps.shape[1], device=steps.device) < lengths[:, None]
+        rollouts.entropy = (steps * inside).sum(1).tolist()  # one transfer, after decoding
     return rollouts
 
 
