@@ -1,7 +1,8 @@
 """Reading dataset rows from local files (JSONL, JSON, parquet; a file or a folder) or the Hugging Face hub.
 
-Every row comes with an id that names where it came from (``file:line`` or ``dataset[split]#index``), so that
-an error about a bad row can point at it.
+Every row comes with an id that names where it came from, so that an error about a bad row can point at it:
+``file:line`` for JSONL (lines counted from 1, as editors do), ``file#index`` for parquet and JSON arrays and
+``dataset[split]#index`` for the hub (indices counted from 0, as ``datasets`` does).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def _file_rows(path: Path) -> Iterator[Row]:
         for index, row in enumerate(json.loads(text)):
             yield f"{path}#{index}", row
         return
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Split on "\n" only: str.splitlines also breaks at U+2028 and the like, which JSON strings may hold
+    # unescaped, and would then misparse the row and misnumber every later line.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
