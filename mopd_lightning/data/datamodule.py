@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
 
 from .domains import get_domain
-from .example import DataError, Example
+from .example import DataError, Example, UnusedRow
 from .sources import check_source, iter_rows
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,27 @@ class PromptStream(IterableDataset):
         for b in range(offset, self.batches_per_epoch):
             start = b * global_batch + self.rank * self.batch_size
             yield [self.examples[i] for i in order[start:start + self.batch_size]]
+
+
+@dataclass
+class SourceCounts:
+    """What became of the rows of one split's source, so that no row is left out without being reported."""
+
+    source: str
+    used: int = 0
+    invalid: int = 0  # malformed rows left out under data.skip_invalid
+    first_invalid: str = ""  # where and why the first of them failed, so the user can look
+    unused: Counter = field(default_factory=Counter)  # well-formed rows the verifier cannot score, by kind
+
+    def describe(self) -> str:
+        text = f"{self.source}: {self.used} rows used"
+        if self.unused:
+            by_count = sorted(self.unused.items(), key=lambda item: (-item[1], item[0]))
+            kinds = ", ".join(f"{kind} {n}" for kind, n in by_count)
+            text += f", {sum(self.unused.values())} of kinds this domain does not use ({kinds})"
+        if self.invalid:
+            text += f", {self.invalid} invalid rows skipped (data.skip_invalid; the first: {self.first_invalid})"
+        return text
 
 
 def _collate(batch: List[Example]) -> List[Example]:
@@ -93,7 +116,9 @@ class PromptDataModule(pl.LightningDataModule):
             batch_size: prompts per optimizer step on each device; each prompt yields a group of rollouts.
             val_batch_size: prompts per validation batch on each device.
             system_prompt: optional system message put before every question.
-            skip_invalid: skip dataset rows that miss fields (counted and logged) instead of failing.
+            skip_invalid: leave out malformed dataset rows (counted and logged) instead of failing on the first.
+                Well-formed rows of a kind the domain cannot score (SciKnowEval ``open-ended-qa``, ...) are always
+                left out and counted by kind; see :meth:`summary`.
             shuffle: shuffle training prompts each epoch (seeded).
             seed: seed for shuffling and subsampling; the same seed gives the same order.
         """
@@ -113,35 +138,55 @@ class PromptDataModule(pl.LightningDataModule):
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.system_prompt, self.skip_invalid, self.shuffle, self.seed = system_prompt, skip_invalid, shuffle, seed
         self.datasets: Dict[str, List[Example]] = {}
-        self.skipped: Dict[str, int] = {}
+        self.counts: Dict[str, SourceCounts] = {}
         self._train_stream: Optional[PromptStream] = None
         self._restored_consumed = 0
 
     # -- loading --------------------------------------------------------------------------------------------
     def load(self, split: str, source: str) -> List[Example]:
-        """Examples of one split from ``source``; bad rows raise (naming file and row) or are counted."""
+        """Examples of one split from ``source``. A malformed row raises, naming its file and line (or dataset,
+        split and index), unless ``skip_invalid``; rows of kinds the domain cannot score are counted by kind."""
         if source == "embedded":
             return self.domain.embedded(split, self.seed, self.system_prompt)
-        examples, skipped, unsupported = [], 0, 0
+        examples, counts = [], SourceCounts(source)
         for row_id, row in iter_rows(source, self.splits[split]):
             try:
-                example = self.domain.from_row(row, row_id, self.system_prompt)
+                examples.append(self.domain.from_row(row, row_id, self.system_prompt))
+            except UnusedRow as unused:
+                counts.unused[unused.kind] += 1
             except DataError as error:
                 if not self.skip_invalid:
-                    raise DataError(f"{row_id}: {error} (set data.skip_invalid=true to skip such rows)") from None
-                skipped += 1
-                continue
-            if example is None:
-                unsupported += 1
-            else:
-                examples.append(example)
-        if skipped or unsupported:
-            log.warning("%s (%s): skipped %d invalid rows and %d rows of a kind this domain does not use",
-                        split, source, skipped, unsupported)
-        self.skipped[split] = skipped
+                    raise DataError(f"{row_id}: {error} (to leave out such rows and count them, pass "
+                                    f"--data.skip_invalid true)") from None
+                counts.invalid += 1
+                counts.first_invalid = counts.first_invalid or f"{row_id}: {error}"
+        counts.used = len(examples)
+        self.counts[split] = counts
+        level = logging.WARNING if counts.unused or counts.invalid else logging.INFO
+        log.log(level, "%s rows from %s", split, counts.describe())
         if not examples:
-            raise DataError(f"{source} gave no usable {split} examples")
+            raise DataError(f"{source} gave no usable {split} examples ({counts.describe()})")
         return examples
+
+    @property
+    def skipped(self) -> Dict[str, int]:
+        """Invalid rows left out per split (``data.skip_invalid``)."""
+        return {split: counts.invalid for split, counts in self.counts.items()}
+
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """Per split: the prompts it holds and, for a file or hub source, how its rows were used, left out as
+        invalid, or counted as unused by kind. ``val: holdout`` prompts are counted in the train source's rows."""
+        report = {}
+        for split in self.splits:
+            if split not in self.datasets:
+                continue
+            entry: Dict[str, Any] = {"prompts": len(self.datasets[split])}
+            counts = self.counts.get(split)
+            if counts is not None:
+                entry.update(source=counts.source, rows_used=counts.used, rows_invalid=counts.invalid,
+                             rows_unused=dict(counts.unused))
+            report[split] = entry
+        return report
 
     def _limit(self, examples: List[Example], limit: Optional[int]) -> List[Example]:
         if limit is None or limit >= len(examples):
@@ -165,6 +210,8 @@ class PromptDataModule(pl.LightningDataModule):
             self.datasets["validation"] = self._limit(examples, self.limits["validation"])
         if stage in (None, "test") and self.test_source and "test" not in self.datasets:
             self.datasets["test"] = self._limit(self.load("test", self.test_source), self.limits["test"])
+        log.info("prompts: %s", ", ".join(f"{split} {len(self.datasets[split])}" for split in self.splits
+                                          if split in self.datasets))
 
     # -- loaders --------------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:

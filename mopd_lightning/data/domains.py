@@ -10,14 +10,15 @@ from . import code, math, sci, tool
 from .example import Example
 from .verl import accepting_verl
 
-RowConverter = Callable[[Mapping[str, Any], str, Optional[str]], Optional[Example]]
+RowConverter = Callable[[Mapping[str, Any], str, Optional[str]], Example]
 EmbeddedBuilder = Callable[[str, int, Optional[str]], List[Example]]
 
 
 @dataclass(frozen=True)
 class Domain:
     """``embedded(split, seed, system_prompt)`` builds one split of the packaged data (splits never share a
-    question); ``from_row`` reads one user row, returning None for a kind the domain does not train on.
+    question); ``from_row`` reads one user row, raising ``UnusedRow`` for a kind the domain does not train on
+    and ``DataError`` for a malformed row.
     Every domain also reads verl-layout rows (``prompt``, ``reward_model.ground_truth``, ``data_source``)."""
 
     embedded: EmbeddedBuilder

@@ -28,3 +28,15 @@ class Example:
 
 class DataError(ValueError):
     """A dataset row or file that cannot be used; the message names the file and the row."""
+
+
+class UnusedRow(Exception):
+    """A well-formed row of a kind the domain's verifier cannot score (e.g. SciKnowEval ``open-ended-qa``).
+
+    Not an error: the datamodule leaves the row out and counts it under ``kind``, so a mixed release loads whole
+    and the user sees, by kind, what was not used.
+    """
+
+    def __init__(self, kind: str):
+        super().__init__(f"rows of type {kind!r} are not used by this domain")
+        self.kind = kind

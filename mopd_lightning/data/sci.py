@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from .example import DataError, Example
+from .example import DataError, Example, UnusedRow
 
 LETTERS = "ABCDEFGHIJ"
 MCQ_INSTRUCTION = (
@@ -147,35 +147,56 @@ def generate_sci(n: int, seed: int, system_prompt: Optional[str] = None, prefix:
 
 
 SCIKNOWEVAL_CHOICE_TYPES = ("mcq-4-choices", "mcq-2-choices", "true_or_false")
+"""The SciKnowEval row types the ``sci`` verifier can score (an option letter, or Yes/No). Every other type
+(``open-ended-qa``, ``relation_extraction``, ``filling``, ...) needs a judge model or text matching, so its rows are
+counted as unused rather than trained on."""
 
 
-def sciknoweval_example(row: Mapping[str, Any], row_id: str, system_prompt: Optional[str] = None) -> Optional[Example]:
-    """One SciKnowEval row as an Example; None for non-choice types (``filling``), which the caller counts."""
+def _yes_no_prompt(row: Mapping[str, Any], question: str) -> Tuple[str, str]:
+    """Prompt and answer of a ``true_or_false`` row; True/False answers are read as Yes/No."""
+    answer = str(row.get("answer") or "").strip().capitalize()
+    if answer not in ("Yes", "No", "True", "False"):
+        raise DataError(f"field 'answer' must be Yes/No (or True/False) for true_or_false, got {answer!r}")
+    return f"{question}\n\n{YES_NO_INSTRUCTION}", {"True": "Yes", "False": "No"}.get(answer, answer)
+
+
+def _choice_prompt(row: Mapping[str, Any], question: str) -> Tuple[str, str]:
+    """Prompt and answer letter of an MCQ row. Options must pair one text with one label: with a text too many
+    or too few the letters shown would not match the answer key, so such a row is invalid, not repaired."""
+    choices = row.get("choices")
+    if not isinstance(choices, Mapping):
+        raise DataError("field 'choices' must be an object with 'text' and 'label' lists")
+    texts, labels = choices.get("text"), choices.get("label")
+    if not isinstance(texts, list) or not isinstance(labels, list) or not labels:
+        raise DataError("field 'choices' must hold non-empty 'text' and 'label' lists")
+    if len(texts) != len(labels):
+        raise DataError(f"field 'choices' has {len(texts)} option texts for {len(labels)} labels {labels}")
+    labels = [str(label).strip() for label in labels]
+    answer = str(row.get("answerKey") or "").strip()
+    if answer not in labels:
+        raise DataError(f"field 'answerKey' is {answer!r}, not one of the labels {labels}")
+    return format_mcq(question, [str(text) for text in texts], labels), answer
+
+
+def sciknoweval_example(row: Mapping[str, Any], row_id: str, system_prompt: Optional[str] = None) -> Example:
+    """One SciKnowEval row as an Example. Raises :class:`UnusedRow` for a type the verifier cannot score (the
+    caller counts it by type) and :class:`DataError` for a malformed row of a type it can."""
     kind = row.get("type")
+    if not isinstance(kind, str) or not kind.strip():
+        raise DataError(f"field 'type' is missing or empty; SciKnowEval rows name their type, e.g. "
+                        f"{SCIKNOWEVAL_CHOICE_TYPES}")
     if kind not in SCIKNOWEVAL_CHOICE_TYPES:
-        if kind == "filling":
-            return None
-        raise DataError(f"field 'type' is {kind!r}; expected one of {SCIKNOWEVAL_CHOICE_TYPES} or 'filling'")
+        raise UnusedRow(kind)
     question = row.get("question")
     if not isinstance(question, str) or not question.strip():
-        raise DataError("field 'question' is missing or empty")
-    if kind == "true_or_false":
-        answer = str(row.get("answer") or "").strip().capitalize()
-        if answer not in ("Yes", "No", "True", "False"):
-            raise DataError(f"field 'answer' must be Yes/No (or True/False) for true_or_false, got {answer!r}")
-        answer = {"True": "Yes", "False": "No"}.get(answer, answer)
-        content = f"{question}\n\n{YES_NO_INSTRUCTION}"
-    else:
-        choices = row.get("choices") or {}
-        texts, labels = choices.get("text"), choices.get("label")
-        if not texts or not labels or len(texts) != len(labels):
-            raise DataError("field 'choices' must hold 'text' and 'label' lists of equal, non-zero length")
-        answer = str(row.get("answerKey") or "").strip()
-        if answer not in labels:
-            raise DataError(f"field 'answerKey' is {answer!r}, not one of the labels {labels}")
-        content = format_mcq(question, list(texts), list(labels))
+        raise DataError(f"{kind} row: field 'question' is missing or empty")
+    try:
+        content, answer = (_yes_no_prompt if kind == "true_or_false" else _choice_prompt)(row, question)
+    except DataError as error:
+        raise DataError(f"{kind} row: {error}") from None
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
         {"role": "user", "content": content}
     ]
-    meta = {"type": kind, "task": (row.get("details") or {}).get("task")}
+    details = row.get("details")
+    meta = {"type": kind, "task": details.get("task") if isinstance(details, Mapping) else None}
     return Example(row_id, messages, answer, "sci", meta)

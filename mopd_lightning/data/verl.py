@@ -106,11 +106,11 @@ def verl_example(row: Mapping[str, Any], row_id: str, system_prompt: Optional[st
     return Example(row_id, messages, truth, verifier, meta)
 
 
-def accepting_verl(converter: Callable[..., Optional[Example]]) -> Callable[..., Optional[Example]]:
+def accepting_verl(converter: Callable[..., Example]) -> Callable[..., Example]:
     """``converter`` for a domain's own rows, with verl-layout rows (a ``reward_model`` key) read by
     :func:`verl_example` instead."""
 
-    def from_row(row: Mapping[str, Any], row_id: str, system_prompt: Optional[str] = None) -> Optional[Example]:
+    def from_row(row: Mapping[str, Any], row_id: str, system_prompt: Optional[str] = None) -> Example:
         if is_verl_row(row):
             return verl_example(row, row_id, system_prompt)
         return converter(row, row_id, system_prompt)
