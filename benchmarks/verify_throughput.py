@@ -1,7 +1,8 @@
 """Throughput of the verifiers: sandboxed code runs and math answers per second.
 
 Code: 256 rollouts cycling through HumanEval's canonical solutions, verified with ``verify_batch("code", ...)``
-(full sandbox: namespaces, dedicated uid, rlimits, ...). Baseline, in the same run and with the same number of
+(the sandbox at the best level this machine allows: bubblewrap namespaces, dedicated uids, a memory cgroup per
+run, rlimits; HumanEval runs are judged: program and judge are two processes). Baseline, in the same run and with the same number of
 threads: the same programs, each written to a file and run with one plain
 ``subprocess.run([sys.executable, file], timeout=...)``. The two alternate for ``--reps`` rounds; the table
 reports the median round. Target: sandbox time under 2x the baseline.
@@ -31,8 +32,9 @@ import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from mopd_lightning.rewards import sandbox, verify_batch
-from mopd_lightning.rewards.parallel import default_workers
+from mopd_lightning import execution
+from mopd_lightning.rewards import verify_batch
+from mopd_lightning.execution import default_workers
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WHEELS = Path(os.environ.get("MOPD_TEST_CACHE", Path.home() / ".cache" / "mopd-lightning-tests")) / "wheels"
@@ -100,7 +102,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     args = parser.parse_args()
     workers = default_workers()
-    iso = sandbox.isolation()
+    iso = execution.isolation()
     problems = humaneval()
     rollouts = [problems[i % len(problems)] for i in range(args.rollouts)]
 

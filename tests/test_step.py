@@ -11,13 +11,15 @@ from mopd_lightning import MOPDModule
 from mopd_lightning.config import OptimConfig, PeerConfig, SamplingConfig, TeacherConfig
 from mopd_lightning.data.datamodule import PromptStream
 from mopd_lightning.data.example import Example
-from mopd_lightning.rewards import Score, register_verifier
+from mopd_lightning.rewards import VERIFIERS, Score
 
 
-@register_verifier("parity")
-def _parity():
+def _parity(response, ground_truth):
     """Deterministic, mixed rewards from random text: success when the response has an even length."""
-    return lambda response, ground_truth: Score(float(len(response) % 2 == 0))
+    return Score(float(len(response) % 2 == 0))
+
+
+VERIFIERS["parity"] = lambda strict, sandbox: _parity  # a test domain, added as users add theirs
 
 
 

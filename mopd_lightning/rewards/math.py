@@ -15,7 +15,7 @@ import re
 import threading
 from typing import Any, Optional
 
-from .base import Score, register_verifier
+from .base import Score
 
 TIMEOUT_S = 5
 """math-verify's limit (whole seconds, it uses ``signal.alarm``) for parsing one answer and for one comparison."""
@@ -130,8 +130,3 @@ def _verify(entry, response: str, ground_truth: Any, strict: bool) -> Score:
 for _entry in (verify_math, verify_math_lenient):
     _entry.executor = "process"  # verify_batch runs it in worker processes (signals need a main thread)
     _entry.hard_timeout_s = 6 * TIMEOUT_S
-
-
-@register_verifier("math")
-def _math_factory(strict: bool = True):
-    return verify_math if strict else verify_math_lenient

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, Optional
 
-from .base import Score, register_verifier
+from .base import Score
 
 _LEADING_CHOICE = re.compile(r"^\(?([A-Za-z]|true|false|yes|no)\b\)?", re.IGNORECASE)
 _ANSWER_IS = re.compile(r"(?i:answer is)\s*:?\s*\(?([A-J])\b")
@@ -114,8 +114,3 @@ def verify_sci_lenient(response: str, ground_truth: Any) -> Score:
 
 
 verify_sci.executor = verify_sci_lenient.executor = "inline"
-
-
-@register_verifier("sci")
-def _sci_factory(strict: bool = True):
-    return verify_sci if strict else verify_sci_lenient

@@ -29,7 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from .base import Score, register_verifier
+from .base import Score
 from .markdown import fenced_blocks
 
 _MAX_SCAN_CHARS = 50_000
@@ -405,8 +405,3 @@ class ToolVerifier:
             reason = _mismatch(candidates[0], target) if candidates else f"no call to {target.name!r}"
         text = prefix + reason
         return text[:1].upper() + text[1:] + "."
-
-
-@register_verifier("tool")
-def _tool_factory():
-    return ToolVerifier()

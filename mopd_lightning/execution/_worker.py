@@ -1,6 +1,7 @@
-"""A verifier worker process (``python -m mopd_lightning.rewards._worker READ_FD WRITE_FD``).
+"""A worker process (``python -m mopd_lightning.execution._worker READ_FD WRITE_FD``).
 
-Receives pickled ``(function, args)`` calls on one pipe and answers each with the pickled result on the other.
+Receives pickled ``(function, args)`` calls on one pipe and answers each with a pickled ``("ok", result)`` or
+``("error", "ExceptionType: message")`` on the other.
 Verifier code runs in this process's main thread, where ``signal.alarm`` (math-verify's time limit) works.
 """
 
@@ -24,8 +25,6 @@ def main() -> None:
         import math_verify  # noqa: F401  (pay the sympy import once, before the first request)
     except ImportError:
         pass
-    from mopd_lightning.rewards.base import Score
-
     while True:
         header = _read_exact(requests, _HEADER.size)
         if not header:
@@ -33,10 +32,9 @@ def main() -> None:
         request = _read_exact(requests, _HEADER.unpack(header)[0])
         try:
             fn, args = pickle.loads(request)
-            result = fn(*args)
-        except Exception as e:  # noqa: BLE001 - a verifier bug scores 0, the worker lives on
-            result = Score(0.0, f"Verifier error: {type(e).__name__}: {str(e)[:200]}")
-        payload = pickle.dumps(result)
+            payload = pickle.dumps(("ok", fn(*args)))
+        except Exception as e:  # noqa: BLE001 - the caller decides what a failed call means; the worker lives on
+            payload = pickle.dumps(("error", f"{type(e).__name__}: {str(e)[:200]}"))
         replies.write(_HEADER.pack(len(payload)) + payload)
         replies.flush()
 

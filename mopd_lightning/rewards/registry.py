@@ -1,0 +1,31 @@
+"""The one table that maps a domain's verifier name (``Example.verifier``) to the verifier that scores it.
+
+Each entry builds the verifier from the run's settings: ``strict`` (only the answer format the prompt asks for
+counts: ``model.verifier.strict``) and ``sandbox`` (the least isolation code may run under:
+``model.verifier.sandbox``). Verifiers that do not depend on a setting ignore it. To add a domain, add an entry
+(``VERIFIERS["mine"] = lambda strict, sandbox: my_verifier``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+from .base import Verifier
+from .code import CodeVerifier
+from .math import verify_math, verify_math_lenient
+from .sci import verify_sci, verify_sci_lenient
+from .tool import ToolVerifier
+
+VERIFIERS: Dict[str, Callable[[bool, str], Verifier]] = {
+    "sci": lambda strict, sandbox: verify_sci if strict else verify_sci_lenient,
+    "math": lambda strict, sandbox: verify_math if strict else verify_math_lenient,
+    "code": lambda strict, sandbox: CodeVerifier(sandbox=sandbox),
+    "tool": lambda strict, sandbox: ToolVerifier(),
+}
+
+
+def get_verifier(name: str, strict: bool = True, sandbox: str = "auto") -> Verifier:
+    """The verifier for domain ``name`` (``"sci"``, ``"math"``, ``"code"``, ``"tool"``)."""
+    if name not in VERIFIERS:
+        raise ValueError(f"unknown verifier {name!r}; known: {sorted(VERIFIERS)}")
+    return VERIFIERS[name](strict, sandbox)
