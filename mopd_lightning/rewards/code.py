@@ -2,14 +2,17 @@
 
 Three test shapes (the ground truth is a dict, or its JSON text):
 
-- ``{"kind": "humaneval", "prompt", "test", "entry_point"}``: program = prompt + completion + test +
-  ``check(entry_point)``. When the response's code defines ``entry_point`` itself, it follows the prompt (whose
-  imports and helper functions it may use) and replaces the prompt's stub; otherwise it continues the prompt.
+- ``{"kind": "humaneval", "prompt", "test", "entry_point"}``: program = prompt + completion. When the response's
+  code defines ``entry_point`` itself, it follows the prompt (whose imports and helper functions it may use) and
+  replaces the prompt's stub; otherwise it continues the prompt. The test never runs in the program's process: a
+  judged run (``harness/``) has a judge process run ``check`` on a stand-in that forwards each call to the program
+  and gets back plain built-in values only, so neither a forged "passed" nor an object equal to everything counts.
 - ``{"kind": "stdio", "tests": [{"input", "output"}, ...]}``: one run per test, the input on stdin; passes when
   stdout equals the expected output up to surrounding and repeated whitespace.
 - ``{"kind": "functional", "fn_name", "tests": [{"input", "output"}, ...]}``: ``input`` holds one JSON value per
   line, one line per argument (never split on spaces); ``output`` is JSON. The function is ``Solution().fn_name``
-  (LeetCode / LiveCodeBench) or a top-level ``fn_name``; all tests run in one sandboxed process.
+  (LeetCode / LiveCodeBench) or a top-level ``fn_name``; all tests run in one sandboxed process, and the verifier
+  compares the returned values (decoded from JSON, so plain values) outside it; expected outputs never go in.
 
 ``"inputs": [...], "outputs": [...]`` (the verl / APPS layout) is accepted in place of ``tests``, and ``kind`` is
 inferred when absent. The reward is the fraction of tests passed, or 1/0 with ``all_or_nothing``; the feedback
@@ -19,18 +22,18 @@ names the first failing test.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import math
 import os
-import secrets
 from typing import Any, List, Optional, Tuple
 
-from .base import Score, register_verifier
+from ..execution import Limits, RunResult, isolation, run_python
+from .base import Score
 from .markdown import fenced_blocks
-from .sandbox import Limits, RunResult, run_python
 
 _PYTHON_LANGS = {"", "python", "python3", "py"}
-_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_functional_harness.py")
+_HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness")
 # What LeetCode-style solutions assume is already imported (``List``, ``deque``, ``inf``, ...).
 _FUNCTIONAL_PRELUDE = (
     "from typing import *\nfrom collections import *\nfrom math import *\nfrom functools import *\n"
@@ -76,6 +79,17 @@ def _defines(code: str, name: str) -> bool:
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name for node in tree.body)
+
+
+@functools.lru_cache(maxsize=None)
+def _harness(name: str) -> str:
+    with open(os.path.join(_HARNESS, name + ".py"), encoding="utf-8") as f:
+        return f.read()
+
+
+def _with_plain_values(name: str, call: str) -> str:
+    """A harness script preceded by the plain-value codec it uses, ending with ``call``."""
+    return _harness("plain") + "\n\n" + _harness(name) + "\n\n" + call + "\n"
 
 
 def _normalise_lines(text: str) -> List[str]:
@@ -139,21 +153,30 @@ class CodeVerifier:
         all_or_nothing: reward 1 only when every test passes (and stop at the first failure); otherwise the
             reward is the fraction of tests passed.
         timeout_s: wall-clock limit per test (per program for HumanEval), in seconds.
-        memory_mb: address-space limit of the program, in MiB.
+        memory_mb: memory limit of the program (per process, and per run where a memory cgroup is available), MiB.
+        sandbox: the least isolation the code may run under: ``auto`` (the best the machine allows, with a loud
+            warning below ``full``), ``full``, ``namespaces`` or ``process`` (see :mod:`mopd_lightning.execution`).
+            Checked when the verifier is built: a machine that allows less raises ``SandboxUnavailable``.
     """
 
     executor = "thread"  # the work happens in sandbox subprocesses, so threads parallelise it
 
-    def __init__(self, all_or_nothing: bool = False, timeout_s: float = 5.0, memory_mb: int = 1024):
+    def __init__(self, all_or_nothing: bool = False, timeout_s: float = 5.0, memory_mb: int = 1024,
+                 sandbox: str = "auto"):
         self.all_or_nothing = all_or_nothing
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
+        self.sandbox = sandbox
+        self.isolation = isolation(sandbox)
 
     def __repr__(self) -> str:
         return (
             f"CodeVerifier(all_or_nothing={self.all_or_nothing}, timeout_s={self.timeout_s}, "
-            f"memory_mb={self.memory_mb})"
+            f"memory_mb={self.memory_mb}, sandbox={self.sandbox!r})"
         )
+
+    def _run(self, script: str, **options) -> RunResult:
+        return run_python(script, required=self.sandbox, **options)
 
     def _limits(self, n_tests: int = 1) -> Limits:
         timeout = self.timeout_s * n_tests + 1.0  # + interpreter start-up
@@ -185,27 +208,25 @@ class CodeVerifier:
         return Score(reward, first_failure)
 
     def _humaneval(self, response: str, gt: dict) -> Score:
+        """A judged run: the program answers calls, the judge runs ``check`` on plain values (see ``harness/``)."""
         prompt, entry_point = str(gt["prompt"]), str(gt["entry_point"])
         code = extract_code(response)
         if _defines(code, entry_point):
-            program = prompt + "\n\n" + code  # a full function: its definition replaces the prompt's stub
+            solution = prompt + "\n\n" + code  # a full function: its definition replaces the prompt's stub
         else:
-            program = prompt + code
-        # Printed only after check() returns: an early sys.exit(0) / os._exit(0) is not a pass. (Code that reads its
-        # own source could still find the marker; the sandbox bounds what such code can do, not whether it cheats.)
-        marker = "__MOPD_TESTS_PASSED_" + secrets.token_hex(8)
-        program += f"\n\n{gt['test']}\n\ncheck({entry_point})\nprint({marker!r})\n"
-        result = run_python(program, limits=self._limits())
-        if result.ok and marker in result.stdout:
+            solution = prompt + code
+        problem = {"prompt": prompt, "test": str(gt["test"]), "entry_point": entry_point}
+        result = self._run(_with_plain_values("callee", f"serve({entry_point!r})"), files={"solution.py": solution},
+                           judge=_with_plain_values("judge", f"judge({json.dumps(problem)})"),
+                           limits=self._limits())
+        if result.ok and result.stdout.strip() == "PASSED":
             return Score(1.0, None)
-        if result.ok:
-            return Score(0.0, "The program exited before the tests finished.")
         return Score(0.0, f"Tests failed: {_short(_error_summary(result, self.timeout_s))}")
 
     def _stdio(self, code: str, tests: List[Tuple[Any, Any]]) -> Score:
         passed, first_failure = 0, None
         for i, (test_input, expected) in enumerate(tests):
-            result = run_python(code, stdin=str(test_input), limits=self._limits())
+            result = self._run(code, stdin=str(test_input), limits=self._limits())
             if result.ok and _normalise_lines(result.stdout) == _normalise_lines(str(expected)):
                 passed += 1
                 continue
@@ -221,13 +242,11 @@ class CodeVerifier:
         if not tests:
             return self._score(0, 0, None)
         args = [_arguments(test_input) for test_input, _ in tests]
-        with open(_HARNESS, encoding="utf-8") as f:
-            harness = f.read()
         files = {
             "solution.py": _FUNCTIONAL_PRELUDE + code,
             "tests.json": json.dumps({"fn_name": fn_name, "args": args, "timeout_s": self.timeout_s}),
         }
-        result = run_python(harness, files=files, limits=self._limits(len(tests)))
+        result = self._run(_harness("functional"), files=files, limits=self._limits(len(tests)))
         records = {}
         for line in result.stdout.splitlines():
             try:
@@ -254,8 +273,3 @@ class CodeVerifier:
                     got = f"error: {_short(_error_summary(result, self.timeout_s))}"
                 first_failure = _failure(i, test_input, expected, got)
         return self._score(passed, len(tests), first_failure)
-
-
-@register_verifier("code")
-def _code_factory():
-    return CodeVerifier()
