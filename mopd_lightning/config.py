@@ -125,10 +125,14 @@ class VerifierConfig:
             ``\\boxed{}`` for math), as in the reference implementation; false also reads bare letters,
             "the answer is ..." and last numbers.
         success_threshold: a rollout with reward >= this is a success (peers, advantages, pass@k, the analysis).
+        sandbox: the least isolation model-written code may run under (code domain): ``auto`` takes the best this
+            machine allows and warns loudly below ``full``; ``full``, ``namespaces`` or ``process`` refuse to
+            run with less. The level used is logged as ``train/sandbox_isolation`` (0 process .. 2 full).
     """
 
     strict: bool = True
     success_threshold: float = 0.5
+    sandbox: Literal["auto", "full", "namespaces", "process"] = "auto"
 
     def __post_init__(self):
         _require(0 < self.success_threshold <= 1, "model.verifier.success_threshold", "must lie in (0, 1]")

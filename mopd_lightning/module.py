@@ -95,6 +95,7 @@ class MOPDModule(pl.LightningModule):
         self.tokenizer = None
         self.rollout_batches = 0  # batches of rollouts trained on; keys the sampling seeds
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient
+        self.sandbox_level = None  # rank of the code sandbox's isolation (0 process, 1 namespaces, 2 full), once used
         self.analysis_variants = list(CONTEXT_VARIANTS)  # what predict_step (mopd analyze) scores
         k = sampling.val_samples
         self.eval_metrics = torch.nn.ModuleDict({
@@ -171,7 +172,10 @@ class MOPDModule(pl.LightningModule):
         scores: List[Any] = [None] * len(rollouts)
         for name in sorted(set(names)):
             chosen = [r for r, n in enumerate(names) if n == name]
-            results = verify_batch(get_verifier(name, self.verifier.strict),
+            verifier = get_verifier(name, self.verifier.strict, self.verifier.sandbox)
+            if getattr(verifier, "isolation", None) is not None:  # code: recorded in the run's metrics
+                self.sandbox_level = verifier.isolation.rank
+            results = verify_batch(verifier,
                                    [rollouts.response_text[r] for r in chosen],
                                    [batch[rollouts.group[r]].ground_truth for r in chosen])
             for r, score in zip(chosen, results):
@@ -294,6 +298,8 @@ class MOPDModule(pl.LightningModule):
                                    timer, self.skipped_steps, self.peers.include_feedback)
         progress = {"train/reward", "train/loss"}
         local = {"train/loss"} | {f"train/loss_{name}" for name in names}  # already global
+        if self.sandbox_level is not None:
+            metrics["train/sandbox_isolation"] = float(self.sandbox_level)
         for name, value in metrics.items():
             self.log(name, value, prog_bar=name in progress, batch_size=len(rollouts.groups),
                      sync_dist=name not in local)

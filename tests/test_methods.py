@@ -13,7 +13,7 @@ from mopd_lightning.config import GRPOConfig, LossConfig, OptimConfig, SamplingC
 from mopd_lightning.data.datamodule import PromptStream
 from mopd_lightning.objectives import (ClippedPolicyGradient, Distillation, MicroBatch, SuccessLikelihood,
                                        TrainingSignal, group_advantages)
-from mopd_lightning.rewards import Score, register_verifier
+from mopd_lightning.rewards import VERIFIERS, Score
 from mopd_lightning.rollouts import Rollouts
 
 
@@ -269,10 +269,8 @@ def test_every_method_trains_and_logs_the_same_metrics(tiny_model, method, kwarg
     assert (module.reference is not None) == (module.grpo.kl_coef > 0)
 
 
-def test_a_batch_without_signal_changes_nothing_but_counts_as_a_step(tiny_model):
-    @register_verifier("never")
-    def _never():
-        return lambda response, ground_truth: Score(0.0)
+def test_a_batch_without_signal_changes_nothing_but_counts_as_a_step(tiny_model, monkeypatch):
+    monkeypatch.setitem(VERIFIERS, "never", lambda strict, sandbox: lambda response, ground_truth: Score(0.0))
 
     module = make(tiny_model, "grpo")
     before = snapshot(module.student)
@@ -286,3 +284,16 @@ def test_a_batch_without_signal_changes_nothing_but_counts_as_a_step(tiny_model)
     assert float(trainer.logged_metrics["train/active_fraction"]) == 0.0
     for name, value in module.student.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+def test_the_sandbox_isolation_level_is_in_the_run_metrics(tiny_model):
+    from mopd_lightning.execution import isolation
+
+    module = make(tiny_model, "grpo")
+    data = examples(2)
+    for e in data:
+        e.verifier, e.ground_truth = "code", {"kind": "stdio", "tests": [{"input": "", "output": "1"}]}
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(PromptStream(data, 2, seed=0, shuffle=False), batch_size=None))
+    assert float(trainer.logged_metrics["train/sandbox_isolation"]) == isolation().rank
