@@ -1,6 +1,7 @@
 """First code that runs inside the sandbox: lock the process down, then run the untrusted program.
 
-Not imported by the library: ``sandbox.py`` starts it as ``python -I -S _boot.py CONFIG`` inside bubblewrap's
+Not imported by the library: ``sandbox.py`` starts it as ``python -I -S _boot.py CONFIG`` (CONFIG: the hex of a
+``marshal``-ed dict; ``json`` alone would cost more to import than the rest of the start-up) inside bubblewrap's
 namespaces (or, at the ``process`` level, directly). Doing the lock-down here, in the interpreter that then runs
 the program, costs a few system calls instead of a second interpreter start-up, and keeps ``preexec_fn`` (unsafe
 in a threaded parent) out of the verifier.
@@ -9,7 +10,7 @@ A judged run (``config["judge"]``) splits in two after the fork, before any untr
 
 - the *program* (child) gets a fresh uid of the pool where it can, no stdin, no stdout/stderr, and a pair of pipes
   on fds 3 (requests in) and 4 (replies out); it runs ``config["script"]``;
-- the *judge* (parent) reads its code, data included, from stdin, which the program never had, and keeps it in
+- the *judge* (parent) reads its source, data included, from stdin, which the program never had, and keeps it in
   memory; it is undumpable (no ptrace, no ``/proc/<pid>/fd`` or ``mem`` for others), and runs them with the other ends of the
   pipes on fds 3 (replies in) and 4 (requests out). Only the judge writes to the verifier's stdout.
 
@@ -17,7 +18,7 @@ The config on the command line is visible to every process in the sandbox (``/pr
 tests or expected answers.
 """
 
-import json
+import marshal
 import os
 import resource
 import sys
@@ -56,26 +57,36 @@ def _block_sockets() -> None:
 
 
 def _lock_down(config: dict, uid, owned: list) -> None:
+    libc = _libc() if config["no_new_privs"] else None  # loaded while the interpreter's folders are readable
     _set_limits(config["rlimits"])
     if uid is not None:
-        _drop_user(uid, owned)
-    _libc().prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid binaries cannot give privileges back
+        _drop_user(uid, owned)  # a uid change also makes the process undumpable (fs.suid_dumpable is 0)
+    if libc is not None:  # bubblewrap has set it already
+        _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot give privileges back
     if config["block_sockets"]:
         _block_sockets()
 
 
 def _libc():
-    import ctypes  # imported while still privileged: the interpreter's folders may be closed to the pool uid
+    import ctypes  # only where needed: it costs a third of the start-up
 
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(libc, option: int, value: int) -> None:
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        import ctypes
+
+        raise OSError(ctypes.get_errno(), f"prctl({option}, {value})")
 
 
 def _split(config: dict) -> str:
     """Fork the program off (it never returns from here); return the judge's source in the parent."""
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
-    _libc().prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     uids = config["uids"] or [None, None]
+    if uids[1] is None:  # same uid for both: keep the program out of the judge's memory and file descriptors
+        _prctl(_libc(), _PR_SET_DUMPABLE, 0)
     if os.fork() == 0:  # the program
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
@@ -97,8 +108,9 @@ def _split(config: dict) -> str:
 
 
 def main() -> None:
-    config = json.loads(sys.argv[1])
-    _libc()
+    config = marshal.loads(bytes.fromhex(sys.argv[1]))
+    for name in config["preload"]:  # e.g. what both halves of a judged run import: paid once, before the fork
+        __import__(name)
     if config["inputs"]:
         for name in os.listdir(config["inputs"]):
             with open(os.path.join(config["inputs"], name), "rb") as src:
@@ -106,9 +118,10 @@ def main() -> None:
                     dst.write(src.read())
     os.chdir(config["workdir"])
     if config["judge"]:
-        judge = json.loads(_split(config))  # kept in memory: the program may read every file of the sandbox
-        _run_as_main(judge["name"], config["site_packages"], source=judge["source"])
-        return
+        source = _split(config)  # kept in memory: the program may read every file of the sandbox
+        _run_as_main("judge.py", config["site_packages"], source=source)
+        sys.stdout.flush()
+        os._exit(0)  # the verdict is out; interpreter shutdown would only add time
     _lock_down(config, (config["uids"] or [None])[0], [config["workdir"]])
     _run_as_main(config["script"], config["site_packages"])
 

@@ -107,11 +107,14 @@ class RunCgroup:
 
     def remove(self) -> None:
         """Delete the cgroup once its processes are gone (they die with the run's PID namespace)."""
-        for _ in range(200):
+        deadline = time.monotonic() + 2.0
+        while True:
             try:
                 os.rmdir(self.path)
                 return
             except FileNotFoundError:
                 return
-            except OSError:
-                time.sleep(0.005)
+            except OSError:  # busy: the namespace's processes are still being torn down (well under a ms)
+                if time.monotonic() > deadline:
+                    return
+                time.sleep(0.0002)

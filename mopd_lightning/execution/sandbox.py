@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import marshal
 import os
 import selectors
 import shutil
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Sequence
 
 from . import uids
 from .cgroups import RunCgroup
@@ -105,33 +106,36 @@ def run_python(
     limits: Limits = Limits(),
     judge: Optional[str] = None,
     required: str = "auto",
+    preload: Sequence[str] = (),
 ) -> RunResult:
     """Run ``script`` (Python source, as ``main.py``) in the sandbox; ``files`` are extra files in its folder.
 
     With ``judge`` (Python source), the program gets fds 3/4 to talk to the judge instead of stdin/stdout, and the
-    result is the judge's (``stdin`` is unused). Raises :class:`~.levels.SandboxUnavailable` when the machine
+    result is the judge's (``stdin`` is unused). ``preload`` names modules imported before the program starts (in a
+    judged run once, before the fork, for both halves). Raises :class:`~.levels.SandboxUnavailable` when the machine
     allows less than ``required``; never raises for anything the program does. A failure to start the sandbox
     comes back as a ``RunResult`` with ``returncode=None`` and the reason in ``stderr``.
     """
     iso = isolation(required)
     try:
-        return _run(iso, script, files or {}, stdin, limits, judge)
+        return _run(iso, script, files or {}, stdin, limits, judge, preload)
     except Exception as e:  # noqa: BLE001 - the verifier must never raise on model output
         return RunResult(None, "", f"sandbox error: {type(e).__name__}: {e}")
 
 
-def _run(iso: Isolation, script: str, files: Mapping[str, str], stdin, limits: Limits, judge) -> RunResult:
+def _run(iso: Isolation, script: str, files: Mapping[str, str], stdin, limits: Limits, judge,
+         preload: Sequence[str] = ()) -> RunResult:
     if judge is not None:
-        stdin = json.dumps({"name": "judge.py", "source": judge})
+        stdin = judge
     stdin = stdin.encode("utf-8", "replace") if isinstance(stdin, str) else stdin
     n_uids = (2 if judge is not None else 1) if iso.dedicated_uid else 0
-    with uids.claimed_uids(n_uids) as run_uids:
+    with uids.claimed_uids(n_uids) as run_uids:  # nothing of the run may live on under them afterwards
         try:
-            return _run_as(iso, run_uids, script, files, stdin, limits, judge is not None)
+            return _run_as(iso, run_uids, script, files, stdin, limits, judge is not None, preload)
         finally:
-            for uid in run_uids:
-                uids.kill_uid(uid)  # nothing of the run may live on (the namespace kill already saw to it)
-                if not iso.namespaces:
+            if not iso.namespaces:
+                uids.kill_uids(run_uids)
+                for uid in run_uids:
                     uids.remove_files_of(uid)
 
 
@@ -139,13 +143,14 @@ def _rlimits(run_uids: list, limits: Limits) -> dict:
     cpu = limits.cpu_s if limits.cpu_s is not None else int(limits.timeout_s) + 1
     nproc = limits.max_processes
     if not run_uids:  # counted per user, and this user already runs other processes
-        nproc += len(uids.pids_of(os.getuid()))
+        nproc += len(uids.pids_of({os.getuid()}))
     mb = 1 << 20
     return {"CPU": [cpu, cpu + 1], "AS": limits.memory_mb * mb, "FSIZE": limits.file_size_mb * mb, "NPROC": nproc,
             "NOFILE": limits.max_open_files, "CORE": 0}
 
 
-def _run_as(iso: Isolation, run_uids: list, script: str, files, stdin: bytes, limits: Limits, judged: bool):
+def _run_as(iso: Isolation, run_uids: list, script: str, files, stdin: bytes, limits: Limits, judged: bool,
+            preload: Sequence[str]):
     host_dir = tempfile.mkdtemp(prefix="mopd-sandbox-")
     cgroup = info_r = info_w = None  # the info pipe belongs to _supervise once made (it closes both ends)
     try:
@@ -164,11 +169,13 @@ def _run_as(iso: Isolation, run_uids: list, script: str, files, stdin: bytes, li
             "script": "main.py",
             "uids": run_uids,
             "judge": judged,
+            "preload": list(preload),
             "block_sockets": not iso.namespaces,
+            "no_new_privs": not iso.namespaces,  # bubblewrap sets it for everything it starts
             "rlimits": _rlimits(run_uids, limits),
             "site_packages": _site_packages(),
         }
-        command = [sys.executable, "-I", "-S", _BOOT, json.dumps(config)]
+        command = [sys.executable, "-I", "-S", _BOOT, marshal.dumps(config).hex()]
         if iso.memory_cgroup:
             cgroup = RunCgroup(iso.memory_cgroup, limits.memory_mb << 20)
         if iso.namespaces:

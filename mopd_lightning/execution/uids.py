@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, List
+from typing import Collection, Iterator, List
 
 SANDBOX_UID_BASE = int(os.environ.get("MOPD_SANDBOX_UID_BASE", "64000"))
 """First user id of the pool (ids ``BASE .. BASE+SANDBOX_UID_COUNT-1``, none with a passwd entry)."""
@@ -23,25 +23,27 @@ SANDBOX_UID_COUNT = 128
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
-def pids_of(uid: int) -> List[int]:
-    """Live processes owned by ``uid`` (zombies included until reaped)."""
+def pids_of(uids: Collection[int]) -> List[int]:
+    """Live processes owned by any of ``uids`` (zombies included until reaped)."""
     pids = []
     for entry in os.listdir("/proc"):
         try:
-            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid == uid:
+            if entry.isdigit() and os.stat(f"/proc/{entry}").st_uid in uids:
                 pids.append(int(entry))
         except OSError:
             pass
     return pids
 
 
-def kill_uid(uid: int, patience_s: float = 1.0) -> None:
-    """SIGKILL every process of ``uid`` until none is left (or ``patience_s`` passed)."""
+def kill_uids(uids: Collection[int], patience_s: float = 1.0) -> bool:
+    """SIGKILL every process of ``uids`` until none is left; False if some outlived ``patience_s``."""
     deadline = time.monotonic() + patience_s
     while True:
-        pids = pids_of(uid)
-        if not pids or time.monotonic() > deadline:
-            return
+        pids = pids_of(uids) if uids else []
+        if not pids:
+            return True
+        if time.monotonic() > deadline:
+            return False
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -91,9 +93,6 @@ def _one_uid(folder: str) -> Iterator[int]:
                 os.close(fd)
                 continue
             try:
-                kill_uid(uid)  # leftovers of a verifier that died mid-run: never hand out a busy uid
-                if pids_of(uid):
-                    continue
                 yield uid
             finally:
                 os.close(fd)  # releases the lock
@@ -103,7 +102,17 @@ def _one_uid(folder: str) -> Iterator[int]:
 
 @contextmanager
 def claimed_uids(n: int) -> Iterator[List[int]]:
-    """Hold ``n`` distinct uids of the pool for the duration of a run."""
+    """Hold ``n`` distinct uids of the pool for the duration of a run, none with a live process (leftovers of a
+    verifier that died mid-run are killed first); at the end, kill whatever still runs under them."""
+    if n == 0:
+        yield []
+        return
     folder = _lock_dir()
     with ExitStack() as stack:
-        yield [stack.enter_context(_one_uid(folder)) for _ in range(n)]
+        uids = [stack.enter_context(_one_uid(folder)) for _ in range(n)]
+        if not kill_uids(uids):
+            raise RuntimeError(f"sandbox uids {uids} keep processes that SIGKILL does not remove")
+        try:
+            yield uids
+        finally:
+            kill_uids(uids)

@@ -218,7 +218,7 @@ class CodeVerifier:
         problem = {"prompt": prompt, "test": str(gt["test"]), "entry_point": entry_point}
         result = self._run(_with_plain_values("callee", f"serve({entry_point!r})"), files={"solution.py": solution},
                            judge=_with_plain_values("judge", f"judge({json.dumps(problem)})"),
-                           limits=self._limits())
+                           limits=self._limits(), preload=("json", "typing"))
         if result.ok and result.stdout.strip() == "PASSED":
             return Score(1.0, None)
         return Score(0.0, f"Tests failed: {_short(_error_summary(result, self.timeout_s))}")

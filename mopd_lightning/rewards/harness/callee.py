@@ -5,10 +5,10 @@ plain values written to fd 4, one JSON line each. Everything here runs with the 
 in it is trusted: the judge decodes whatever comes back as plain values, and decides.
 """
 
-import importlib.util
 import json
 import os
 import sys
+import types
 
 
 def _error(e: BaseException) -> str:
@@ -24,9 +24,11 @@ def serve(entry_point: str) -> None:
 
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 10000))
     try:
-        spec = importlib.util.spec_from_file_location("solution", "solution.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = types.ModuleType("solution")  # as an import would, without importlib's start-up cost
+        module.__file__ = os.path.abspath("solution.py")
+        sys.modules["solution"] = module
+        with open("solution.py", "rb") as f:
+            exec(compile(f.read(), "solution.py", "exec"), module.__dict__)
         fn = getattr(module, entry_point)
     except BaseException as e:  # noqa: BLE001 - a program that fails to load is a verdict, not a crash
         reply(setup_error=_error(e))

@@ -8,7 +8,6 @@ it exits 0 after printing ``PASSED`` only if ``check`` returned.
 
 import builtins
 import json
-import linecache
 import os
 import sys
 
@@ -29,10 +28,19 @@ def _rebuilt(error: str) -> BaseException:
     return ProgramFailed(error)
 
 
-def _source(name: str, text: str):
-    """Compile ``text`` so that tracebacks show its lines (the feedback quotes the failing assert)."""
-    linecache.cache[name] = (len(text), None, text.splitlines(True), name)
-    return compile(text, name, "exec")
+def _fail_with_traceback(sources: dict) -> None:
+    """Print the traceback with the prompt's and test's lines (the feedback quotes the failing assert), exit 1.
+
+    Imported only on failure: ``linecache`` and ``traceback`` cost more than a passing run's whole judge.
+    """
+    import linecache
+    import traceback
+
+    for name, text in sources.items():
+        linecache.cache[name] = (len(text), None, text.splitlines(True), name)
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def judge(problem: dict) -> None:
@@ -57,8 +65,12 @@ def judge(problem: dict) -> None:
         return decode(answer["ok"])
 
     namespace = {"__name__": "__judge__", "__builtins__": builtins}
-    exec(_source("<prompt>", problem["prompt"]), namespace)
-    namespace[problem["entry_point"]] = candidate  # some tests call the function by its name
-    exec(_source("<test>", problem["test"]), namespace)
-    namespace["check"](candidate)
+    sources = {"<prompt>": problem["prompt"], "<test>": problem["test"]}
+    try:
+        exec(compile(sources["<prompt>"], "<prompt>", "exec"), namespace)
+        namespace[problem["entry_point"]] = candidate  # some tests call the function by its name
+        exec(compile(sources["<test>"], "<test>", "exec"), namespace)
+        namespace["check"](candidate)
+    except BaseException:  # noqa: BLE001 - any failure of the tests is the verdict
+        _fail_with_traceback(sources)
     sys.stdout.write("PASSED\n")
