@@ -58,13 +58,13 @@ def _block_sockets() -> None:
 
 def _lock_down(config: dict, uid, owned: list) -> None:
     libc = _libc() if config["no_new_privs"] else None  # loaded while the interpreter's folders are readable
+    if config["block_sockets"]:
+        _block_sockets()
     _set_limits(config["rlimits"])
     if uid is not None:
         _drop_user(uid, owned)  # a uid change also makes the process undumpable (fs.suid_dumpable is 0)
     if libc is not None:  # bubblewrap has set it already
         _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)  # setuid binaries cannot give privileges back
-    if config["block_sockets"]:
-        _block_sockets()
 
 
 def _libc():

