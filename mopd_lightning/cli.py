@@ -2,13 +2,15 @@
 
 ``mopd fit --config configs/sci.yaml`` trains; ``validate`` and ``test`` evaluate; ``analyze`` runs the
 teacher-signal analysis on validation prompts; ``--print_config`` shows every setting with its default. Logs
-go to CSV, and to TensorBoard as well when it is installed.
+go to CSV, and to TensorBoard as well when it is installed, under ``trainer.default_root_dir`` (``runs/``); a
+SIGTERM saves ``preempted.ckpt`` there before the run exits.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -20,6 +22,7 @@ from lightning.pytorch.cli import LightningCLI
 from .analysis import CONTEXT_VARIANTS, summarize, write_report
 from .data import PromptDataModule
 from .module import MOPDModule
+from .preemption import CheckpointOnPreemption
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class MOPDTrainer(Trainer):
             model: the student (and its teacher) to analyse.
             datamodule: where the validation prompts come from.
             ckpt_path: a training checkpoint to analyse instead of the initial weights.
-            output_dir: folder for the report.
+            output_dir: folder for the report (a relative path is taken under ``trainer.default_root_dir``).
             variants: context variants to score (default: all of none, 1S, 2S, 1F, 1S1F, 2S1F and the controls
                 random_peer, unrelated_prompt, swapped_labels, success_only_matched).
             bootstrap: bootstrap resamples for the 95% intervals.
@@ -62,7 +65,7 @@ class MOPDTrainer(Trainer):
                     "temperature": model.sampling.temperature, "max_new_tokens": model.sampling.max_new_tokens,
                     "verifier": vars(model.verifier), "teacher": model.teacher_config.kind,
                     "wall_s": time.perf_counter() - started}
-            folder = write_report(summary, records, output_dir, meta)
+            folder = write_report(summary, records, os.path.join(self.default_root_dir, output_dir), meta)
             print((folder / "analysis.md").read_text())
             log.info("teacher-signal analysis written to %s", folder)
         return summary
@@ -82,6 +85,26 @@ class MOPDCLI(LightningCLI):
     @staticmethod
     def subcommands() -> Dict[str, set]:
         return {**LightningCLI.subcommands(), "analyze": {"model", "datamodule"}}
+
+    def before_instantiate_classes(self) -> None:
+        """Relative logger folders (the default ``runs``) are taken under ``trainer.default_root_dir``, so logs,
+        the saved config and checkpoints all land where the user put the run (a cluster's scratch space)."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        root = config.trainer.default_root_dir
+        loggers = config.trainer.logger
+        if root is None or not isinstance(loggers, list):
+            return
+        for logger in loggers:
+            init_args = getattr(logger, "init_args", None)
+            save_dir = getattr(init_args, "save_dir", None)
+            if isinstance(save_dir, str) and not os.path.isabs(save_dir):
+                init_args.save_dir = os.path.join(root, save_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Every run saves a checkpoint when a scheduler preempts it (SIGTERM)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(CheckpointOnPreemption())
+        return trainer
 
 
 # Lightning warnings that do not apply here: the teacher is kept in eval mode on purpose, the training stream

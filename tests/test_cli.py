@@ -143,3 +143,43 @@ def test_analyze_rejects_unknown_variants(tiny_model, tmp_path):
     result = mopd("analyze", "--config", CONFIG, "--model.student", tiny_model, "--variants", "[3S]", cwd=tmp_path,
                   check=False)
     assert result.returncode != 0 and "analyze.variants" in result.stderr
+
+
+def test_logs_and_checkpoints_go_under_default_root_dir(tiny_model, tmp_path):
+    (tmp_path / "cwd").mkdir()
+    scratch = tmp_path / "scratch"
+    mopd(*tiny_args(tiny_model, 1, "--trainer.default_root_dir", scratch,
+                    "--trainer.callbacks.init_args.every_n_train_steps", "1"), cwd=tmp_path / "cwd")
+    run = scratch / "runs" / "csv" / "version_0"
+    assert (run / "metrics.csv").exists() and (run / "config.yaml").exists()
+    assert (run / "checkpoints" / "last.ckpt").exists()
+    assert list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_model, tmp_path):
+    import signal
+    import time
+
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    args = [sys.executable, "-m", "mopd_lightning.cli", *map(str, tiny_args(tiny_model, 200))]
+    proc = subprocess.Popen(args, cwd=interrupted, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = interrupted / "runs" / "csv" / "version_0" / "metrics.csv"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count("\n") >= 3:  # header + two steps
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    checkpoint = interrupted / "runs" / "csv" / "version_0" / "checkpoints" / "preempted.ckpt"
+    assert checkpoint.exists() and "resume with --ckpt_path" in stderr
+    stopped_at = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    assert 2 <= stopped_at < 200
+    total = stopped_at + 2
+    mopd(*tiny_args(tiny_model, total, "--model.export_dir", tmp_path / "resumed", "--ckpt_path", checkpoint),
+         cwd=interrupted)
+    mopd(*tiny_args(tiny_model, total, "--model.export_dir", tmp_path / "straight"), cwd=tmp_path)
+    assert_same_update(tiny_model, tmp_path / "straight", tmp_path / "resumed")
