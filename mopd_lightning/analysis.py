@@ -70,9 +70,9 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     rollouts = module.sample(batch, "analyze", module.sampling.group_size, module.sampling.temperature)
     module.verify(batch, rollouts)
     lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
-    pad, budget = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch
+    pad, budget, packed = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch, module.optim.packed
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
-    student = _mean_logp_and_entropy(score_rollouts(module.student, plain, lengths, pad, budget),
+    student = _mean_logp_and_entropy(score_rollouts(module.student, plain, lengths, pad, budget, packed),
                                      output_weight(module.student), rollouts.response_ids)
     teacher = module.scoring_teacher
     per_variant = {}
@@ -81,7 +81,7 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
                                           seed_key=f"{module.seed}:analyze")
         sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts)
                      if c.active and r in plain}
-        per_variant[name] = _mean_logp_and_entropy(score_rollouts(teacher, sequences, lengths, pad, budget),
+        per_variant[name] = _mean_logp_and_entropy(score_rollouts(teacher, sequences, lengths, pad, budget, packed),
                                                    output_weight(teacher), rollouts.response_ids)
     records = []
     for r in plain:

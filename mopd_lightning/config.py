@@ -230,8 +230,12 @@ class OptimConfig:
         betas: AdamW betas.
         warmup_steps: linear warm-up of the learning rate over this many optimizer steps (as the reference: 10).
         grad_clip: clip the global gradient norm to this; 0 disables clipping.
-        max_tokens_per_micro_batch: padded tokens (rows x longest row) per forward/backward; bounds memory.
+        max_tokens_per_micro_batch: computed tokens per forward/backward (rows x longest row, or the sum of the
+            rows when packed); bounds memory.
         updates_per_batch: optimizer steps on each batch of rollouts (>1 reuses rollouts, with importance weights).
+        packed: run teacher and student passes padding-free, micro-batches planned by real tokens: with
+            flash-attention the rows of a micro-batch are one sequence with per-row positions (variable-length
+            kernel); otherwise one forward per row. ``train/padded_fraction`` reports the padding either way.
     """
 
     lr: float = 1e-5
@@ -241,6 +245,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     max_tokens_per_micro_batch: int = 4096
     updates_per_batch: int = 1
+    packed: bool = False
 
     def __post_init__(self):
         _require(self.lr > 0, "model.optim.lr", "must be positive")

@@ -51,6 +51,7 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
         "train/success_rate": sum(rollouts.success) / len(rollouts),
         "train/mixed_group_fraction": rollouts.mixed_group_fraction,
         "train/active_fraction": stats["forward_rows"] / len(rollouts),
+        "train/padded_fraction": stats["padded_fraction"],
         "train/loss": sum(w * loss for w, loss in zip(weights, losses)),
         "train/entropy": sum(rollouts.entropy) / max(response_tokens, 1),
         "train/response_len": response_tokens / len(rollouts),

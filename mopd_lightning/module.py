@@ -28,7 +28,7 @@ from .peers import build_teacher_contexts
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
 from .sampling import sample_groups, stable_seed
-from .scoring import output_weight, plan_micro_batches, response_hidden_states, score_rollouts
+from .scoring import output_weight, padded_fraction, plan_micro_batches, response_hidden_states, score_rollouts
 from .teacher import ema_update, make_teacher
 from .timing import PhaseTimer
 
@@ -187,19 +187,19 @@ class MOPDModule(pl.LightningModule):
         """What the method's objectives need: the teacher's hidden states under each rollout's peer context,
         group advantages, and the reference model's log-probabilities (GRPO's KL term)."""
         signal = TrainingSignal()
-        max_tokens, pad = self.optim.max_tokens_per_micro_batch, self.tokenizer.pad_token_id
+        max_tokens, pad, packed = self.optim.max_tokens_per_micro_batch, self.tokenizer.pad_token_id, self.optim.packed
         lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
         if self.method.needs_teacher:
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
-            signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens)
+            signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens, packed)
             signal.teacher_weight = output_weight(self.scoring_teacher).detach()
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.reference is not None:
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
-            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens)
+            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed)
             weight = output_weight(self.reference)
             signal.reference_logp = {
                 r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device))
@@ -222,7 +222,8 @@ class MOPDModule(pl.LightningModule):
         old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
         for update in range(self.optim.updates_per_batch):
             stats = self._optimizer_step(rollouts, signal, forward, plans, normalisers, old_logp)
-        stats.update(forward_rows=len(forward), normalisers=normalisers)
+        stats.update(forward_rows=len(forward), normalisers=normalisers, padded_fraction=self._padded_fraction(
+            rollouts, signal, forward))
         return stats
 
     def _optimizer_step(self, rollouts: Rollouts, signal: TrainingSignal, forward: List[int], plans, normalisers,
@@ -231,7 +232,7 @@ class MOPDModule(pl.LightningModule):
         objectives = self.method.objectives
         stats: Dict[str, Any] = {"loss_sums": [0.0] * len(objectives)}
         lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in forward]
-        plan = plan_micro_batches(lengths, self.optim.max_tokens_per_micro_batch) or [[]]
+        plan = plan_micro_batches(lengths, self.optim.max_tokens_per_micro_batch, self.optim.packed) or [[]]
         anyone = self._all_reduce(float(len(forward))) > 0  # no signal anywhere: a step that changes nothing
         finite = True
         for m, rows in enumerate(plan if anyone else []):
@@ -275,7 +276,7 @@ class MOPDModule(pl.LightningModule):
         """The student's forward pass on ``rows``; records their log-probabilities on the first update."""
         lengths = [len(rollouts.response_ids[r]) for r in rows]
         hidden = response_hidden_states(self.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in rows],
-                                        lengths, self.tokenizer.pad_token_id)
+                                        lengths, self.tokenizer.pad_token_id, self.optim.packed)
         tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
         batch = MicroBatch(rows, hidden, output_weight(self.student), tokens, lengths)
         if old_logp is not None:
@@ -283,6 +284,15 @@ class MOPDModule(pl.LightningModule):
                 old_logp.update(zip(rows, batch.current_logp().split(lengths)))
             batch.old_logp = torch.cat([old_logp[r] for r in rows])
         return batch
+
+    def _padded_fraction(self, rollouts: Rollouts, signal: TrainingSignal, forward: List[int]) -> float:
+        """Padding's share of the tokens this step's teacher, reference and student passes computed."""
+        full = {r: len(rollouts.prompt_ids[r]) + len(ids) for r, ids in enumerate(rollouts.response_ids)}
+        passes = [[full[r] for r in forward], [full[r] for r in signal.reference_logp]]
+        if signal.contexts is not None:
+            passes.append([len(c.prompt_ids) + len(rollouts.response_ids[r])
+                           for r, c in enumerate(signal.contexts) if c.active])
+        return padded_fraction(passes, self.optim.max_tokens_per_micro_batch, self.optim.packed)
 
     def _all_reduce(self, value: float) -> float:
         if self.trainer.world_size == 1:

@@ -12,51 +12,91 @@ from typing import Dict, List, Sequence
 import torch
 
 
-def plan_micro_batches(lengths: Sequence[int], max_tokens: int) -> List[List[int]]:
-    """Group row indices so that rows x longest row stays within ``max_tokens`` (a longer row goes alone).
+def micro_batch_tokens(rows: Sequence[int], lengths: Sequence[int], packed: bool) -> int:
+    """Tokens a micro-batch computes: the sum of its rows when packed, rows x longest row when padded."""
+    if not rows:
+        return 0
+    return sum(lengths[i] for i in rows) if packed else len(rows) * max(lengths[i] for i in rows)
+
+
+def plan_micro_batches(lengths: Sequence[int], max_tokens: int, packed: bool = False) -> List[List[int]]:
+    """Group row indices so that each micro-batch computes at most ``max_tokens`` tokens (a longer row goes alone).
 
     Rows are sorted by length first, so rows of similar length share a micro-batch and little is padding.
     """
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     batches: List[List[int]] = []
     for i in order:
-        if batches and (len(batches[-1]) + 1) * lengths[i] <= max_tokens:
+        if batches and micro_batch_tokens(batches[-1] + [i], lengths, packed) <= max_tokens:
             batches[-1].append(i)
         else:
             batches.append([i])
     return batches
 
 
-def response_hidden_states(model, sequences: List[List[int]], response_lengths: List[int], pad_id: int) -> torch.Tensor:
+def padded_fraction(passes: Sequence[Sequence[int]], max_tokens: int, packed: bool) -> float:
+    """The share of computed tokens that are padding in forward passes over rows of these lengths, planned by
+    :func:`plan_micro_batches` (0 when packed)."""
+    real = computed = 0
+    for lengths in passes:
+        real += sum(lengths)
+        computed += sum(micro_batch_tokens(rows, lengths, packed)
+                        for rows in plan_micro_batches(lengths, max_tokens, packed))
+    return 1.0 - real / computed if computed else 0.0
+
+
+def response_hidden_states(model, sequences: List[List[int]], response_lengths: List[int], pad_id: int,
+                           packed: bool = False) -> torch.Tensor:
     """Final hidden states ``(sum(response_lengths), H)`` at the positions predicting each response token.
 
-    ``sequences[i]`` is a prompt followed by a response of ``response_lengths[i]`` tokens. Rows are right
-    padded, so the real tokens keep positions 0..n-1 whatever the padding.
+    ``sequences[i]`` is a prompt followed by a response of ``response_lengths[i]`` tokens. Padded: rows are right
+    padded, so the real tokens keep positions 0..n-1 whatever the padding. Packed, no padded token is computed:
+    with flash-attention the rows are one sequence whose positions restart at 0 for each row (its variable-length
+    kernel); with other attention one forward per row, since a block-diagonal mask over the whole pack would
+    cost more attention than the padding it saves (measured in benchmarks/packing_cpu.py).
     """
     device = next(model.parameters()).device
+    if packed and not varlen_attention(model):
+        return torch.cat([model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+                          .last_hidden_state[0, len(ids) - n - 1: len(ids) - 1]
+                          for ids, n in zip(sequences, response_lengths)])
+    if packed:
+        input_ids = torch.tensor([[t for ids in sequences for t in ids]])
+        positions = torch.cat([torch.arange(len(ids)) for ids in sequences])[None]
+        hidden = model.base_model(input_ids=input_ids.to(device), position_ids=positions.to(device),
+                                  use_cache=False).last_hidden_state[0]
+        ends = torch.tensor([len(ids) for ids in sequences]).cumsum(0).tolist()
+        cols = torch.cat([torch.arange(end - n - 1, end - 1) for end, n in zip(ends, response_lengths)])
+        return hidden[cols.to(device)]
     width = max(map(len, sequences))
     input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for r, ids in enumerate(sequences):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         attention_mask[r, : len(ids)] = 1
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                              use_cache=False).last_hidden_state
     rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(response_lengths)])
     cols = torch.cat([torch.arange(len(ids) - n - 1, len(ids) - 1) for ids, n in zip(sequences, response_lengths)])
     return hidden[rows.to(device), cols.to(device)]
 
 
+def varlen_attention(model) -> bool:
+    """Whether the model attends with flash-attention, which runs packed rows without a dense mask."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", ""))
+
+
 @torch.no_grad()
 def score_rollouts(model, sequences: Dict[int, List[int]], response_lengths: Dict[int, int], pad_id: int,
-                   max_tokens: int) -> Dict[int, torch.Tensor]:
+                   max_tokens: int, packed: bool = False) -> Dict[int, torch.Tensor]:
     """No-grad hidden states ``(response tokens, H)`` of each rollout, for ``sequences[r] = context ; response``,
-    in micro-batches of at most ``max_tokens`` padded tokens (teacher and reference passes, the analysis)."""
+    in micro-batches of at most ``max_tokens`` computed tokens (teacher and reference passes, the analysis)."""
     rows = list(sequences)
     hidden: Dict[int, torch.Tensor] = {}
-    for batch in plan_micro_batches([len(sequences[r]) for r in rows], max_tokens):
+    for batch in plan_micro_batches([len(sequences[r]) for r in rows], max_tokens, packed):
         chosen = [rows[i] for i in batch]
         lengths = [response_lengths[r] for r in chosen]
-        states = response_hidden_states(model, [sequences[r] for r in chosen], lengths, pad_id)
+        states = response_hidden_states(model, [sequences[r] for r in chosen], lengths, pad_id, packed)
         hidden.update(zip(chosen, states.split(lengths)))
     return hidden
 

@@ -182,3 +182,45 @@ def test_sampling_records_the_student_entropy_of_each_rollout(tiny_model):
         expected = -(log_p.exp() * log_p).sum()
         assert rollouts.entropy[r] == pytest.approx(float(expected), rel=1e-3)
     assert module.sample(examples(1), "val", 1, 0.0).entropy == []  # greedy decoding records nothing
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_passes_equal_padded_ones_in_float64(tiny_model, attn):
+    """Packed passes (one forward per row, or one sequence with per-row positions as flash-attention runs it)
+    give the padded rows' hidden states (float64, both attention implementations), computing no padded token."""
+    from unittest.mock import patch
+
+    from transformers import AutoModelForCausalLM
+
+    from mopd_lightning.scoring import padded_fraction, plan_micro_batches, response_hidden_states
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64, attn_implementation=attn).eval()
+    g = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (5, 17, 2, 9)]
+    responses = [3, 8, 1, 8]  # each after at least one prompt token
+    with torch.no_grad():
+        padded = response_hidden_states(model, sequences, responses, pad_id=0)
+        per_row = response_hidden_states(model, sequences, responses, pad_id=0, packed=True)
+        with patch("mopd_lightning.scoring.varlen_attention", return_value=True):  # one packed sequence, as with
+            one_sequence = response_hidden_states(model, sequences, responses, pad_id=0, packed=True)  # flash-attn
+    tolerance = 1e-10 if attn == "sdpa" else 1e-6  # eager attention takes its softmax in float32
+    torch.testing.assert_close(per_row, padded, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(one_sequence, padded, rtol=tolerance, atol=tolerance)
+    lengths = [len(s) for s in sequences]
+    assert padded_fraction([lengths], 10_000, packed=True) == 0.0 < padded_fraction([lengths], 10_000, packed=False)
+    plan = plan_micro_batches(lengths, 20, packed=True)
+    assert sorted(i for rows in plan for i in rows) == [0, 1, 2, 3]
+    assert all(sum(lengths[i] for i in rows) <= 20 or len(rows) == 1 for rows in plan)
+
+
+def test_a_packed_step_trains_like_a_padded_one_and_logs_no_padding(tiny_model):
+    grads, logged = [], []
+    for packed in (False, True):
+        module = make(tiny_model, optim=OptimConfig(lr=1e-2, max_tokens_per_micro_batch=100, packed=packed))
+        recorder = GradientRecorder()
+        trainer = run(module, callbacks=[recorder])
+        grads.append(recorder.grads)
+        logged.append(float(trainer.logged_metrics["train/padded_fraction"]))
+    assert logged[1] == 0.0 <= logged[0]  # (equal-length toy prompts may leave no padding to remove)
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)
