@@ -27,3 +27,19 @@ def test_compare_methods_writes_its_tables(tiny_model, tmp_path):
     assert all(r["split"] == "validation" and len(r["per_prompt"]["greedy_strict"]) == 4 for r in report["runs"])
     assert "vs base" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_paper_shape_estimate(tmp_path):
+    """The model arithmetic matches Qwen3-8B's published size (8.19B parameters), and packed teacher passes never
+    cost more than padding every context to 10,240 tokens."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import paper_shape_estimate as estimate
+    finally:
+        sys.path.pop(0)
+    total = estimate.layer_params() + 2 * estimate.HIDDEN * estimate.VOCAB
+    assert abs(total / 8.19e9 - 1) < 0.02
+    results = [estimate.estimate(n, 0.4) for n in (512, 2048, 4096)]
+    assert all(r["step_s_packed"] <= r["step_s_reference_padding"] for r in results)
+    savings = [r["teacher_flops_saved"] for r in results]
+    assert savings == sorted(savings, reverse=True) and savings[0] > 0.5
