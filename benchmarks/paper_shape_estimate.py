@@ -82,7 +82,9 @@ def main() -> None:
              f"memory-bound at {HBM_BYTES_PER_S / 1e12:.2f} TB/s per GPU, 32 sequences per GPU; prompts "
              f"{PROMPT_TOKENS} tokens, peers cut at {PEER_CAP}; every response at the mean length.", ""]
     for r in results:
-        lines += [f"## Mean response {r['mean_response']} tokens (teacher context {r['teacher_context_tokens']} tokens)",
+        over = r["teacher_context_tokens"] > REFERENCE_PAD  # the reference would cut such contexts
+        lines += [f"## Mean response {r['mean_response']} tokens (teacher context {r['teacher_context_tokens']} tokens"
+                  + (", more than the reference's 10,240: it would truncate)" if over else ")"),
                   "", "| phase | tokens | PFLOP | seconds |", "|---|---|---|---|"]
         for name, phase in r["phases"].items():
             flops = f"{phase['flops'] / 1e15:.0f}" if "flops" in phase else "memory-bound"

@@ -39,7 +39,7 @@ def test_paper_shape_estimate(tmp_path):
         sys.path.pop(0)
     total = estimate.layer_params() + 2 * estimate.HIDDEN * estimate.VOCAB
     assert abs(total / 8.19e9 - 1) < 0.02
-    results = [estimate.estimate(n, 0.4) for n in (512, 2048, 4096)]
+    results = [estimate.estimate(n, 0.4) for n in (512, 2048, 3072)]  # contexts within the reference's 10,240
     assert all(r["step_s_packed"] <= r["step_s_reference_padding"] for r in results)
     savings = [r["teacher_flops_saved"] for r in results]
     assert savings == sorted(savings, reverse=True) and savings[0] > 0.5
