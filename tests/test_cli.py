@@ -88,6 +88,21 @@ def test_ddp_on_two_processes_equals_one_process(tiny_model, tmp_path):
     torch.testing.assert_close(grad_norms(one), grad_norms(two), rtol=1e-4, atol=0)
 
 
+def test_torchrun_launch_equals_one_process(tiny_model, tmp_path):
+    """The multi-node launch path (torchrun sets the ranks; Lightning joins them, no launcher of its own)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    common = ["--data.shuffle", "false", "--model.export_dir"]
+    mopd(*tiny_args(tiny_model, 2, *common, one / "export"), cwd=one)
+    args = tiny_args(tiny_model, 2, *common, two / "export", "--data.batch_size", "1", "--trainer.strategy", "ddp",
+                     "--trainer.devices", "2", "--trainer.num_nodes", "1", "--trainer.accelerator", "cpu")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "mopd_lightning.cli", *map(str, args)], cwd=two, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert_same_update(tiny_model, one / "export", two / "export")
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model.sampling.group_size", "1"], "model.sampling.group_size"),
     (["--model.peers.n_success", "0", "--model.peers.n_failure", "0"], "model.peers"),
