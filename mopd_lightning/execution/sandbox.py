@@ -39,7 +39,7 @@ from .levels import PROBE_TIMEOUT_S, Isolation, machine_isolation, require
 
 _BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_boot.py")
 _SAFE_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "TMPDIR": "/tmp"}
-_PRIVATE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")  # fresh tmpfs mounts inside the sandbox
+_PRIVATE = uids.WORLD_WRITABLE  # the machine's world-writable folders: fresh tmpfs mounts inside the sandbox
 _WORKDIR = "/tmp/work"
 _INPUTS = "/tmp/.inputs"  # the program's files, read-only; the boot script copies them into the working folder
 
