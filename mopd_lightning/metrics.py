@@ -42,7 +42,8 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
     """The numbers logged after every training step, the same for every method (so runs compare line by line).
 
     ``loss_sums`` are each objective's token sums over all ranks; everything else is this rank's. The entropy
-    is the student's (temperature 1) on its own rollouts' tokens, recorded while sampling.
+    is the student's (temperature 1) on its own rollouts' tokens, recorded while sampling (``hf``) or, with a
+    separate sampling engine, measured on the trained rollouts before the update, beside the engine's log-prob gap.
     """
     losses = [total / max(n, 1.0) for total, n in zip(loss_sums, stats["normalisers"])]
     response_tokens = sum(map(len, rollouts.response_ids))
@@ -53,7 +54,7 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
         "train/active_fraction": stats["forward_rows"] / len(rollouts),
         "train/padded_fraction": stats["padded_fraction"],
         "train/loss": sum(w * loss for w, loss in zip(weights, losses)),
-        "train/entropy": sum(rollouts.entropy) / max(response_tokens, 1),
+        "train/entropy": stats.get("entropy", sum(rollouts.entropy) / max(response_tokens, 1)),
         "train/response_len": response_tokens / len(rollouts),
         "train/finished_fraction": sum(rollouts.finished) / len(rollouts),
         "train/skipped_steps": float(skipped_steps),
@@ -77,6 +78,7 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
         })
     if signal.advantages is not None:
         metrics["train/advantage_abs_mean"] = sum(map(abs, signal.advantages)) / len(signal.advantages)
+    metrics.update({f"train/{key}": value for key, value in stats.items() if key.startswith("engine_")})
     if "grad_norm" in stats:
         metrics["train/grad_norm"] = stats["grad_norm"]
     return metrics

@@ -17,20 +17,24 @@ import torch
 from torchmetrics import MeanMetric
 
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
-from .config import GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig
+from .config import (GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig,
+                     VLLMConfig)
 from .data.example import Example
-from .loss import token_logprobs
+from .loss import entropy_and_logprobs, token_logprobs
 from .methods import MethodName, build_method
 from .metrics import PassAtK, training_metrics
-from .models import check_same_vocabulary, load_causal_lm, load_tokenizer
+from .models import check_same_vocabulary, load_causal_lm, load_tokenizer, resolve_path
 from .objectives import MicroBatch, TrainingSignal, group_advantages
 from .peers import build_teacher_contexts
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
-from .sampling import sample_groups, stable_seed
-from .scoring import output_weight, padded_fraction, plan_micro_batches, response_hidden_states, score_rollouts
+from .sampling import sample_groups, stable_seed, stop_token_ids
+from .scoring import (final_hidden_states, output_weight, padded_fraction, plan_forwards, response_hidden_states,
+                      score_rollouts)
+from .sharding import is_sharded, reshard, shard_model
 from .teacher import ema_update, make_teacher
 from .timing import PhaseTimer
+from .vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,7 @@ class MOPDModule(pl.LightningModule):
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
         sampling: SamplingConfig = SamplingConfig(),
+        vllm: VLLMConfig = VLLMConfig(),
         verifier: VerifierConfig = VerifierConfig(),
         peers: PeerConfig = PeerConfig(),
         teacher: TeacherConfig = TeacherConfig(),
@@ -64,6 +69,7 @@ class MOPDModule(pl.LightningModule):
             attn_implementation: ``auto`` = flash-attention 2 on CUDA when installed, else SDPA.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
             sampling: how rollouts are drawn, for training and evaluation.
+            vllm: the vLLM rollout engine, when ``sampling.backend`` is ``vllm``.
             verifier: what counts as a success (answer format, reward threshold).
             peers: which peers each teacher context holds, and its wording.
             teacher: which model scores the rollouts under the peer context.
@@ -88,6 +94,8 @@ class MOPDModule(pl.LightningModule):
         self.student_name, self.dtype_name, self.attn = student, dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
         self.sampling, self.verifier, self.peers, self.teacher_config = sampling, verifier, self.method.peers, teacher
+        self.vllm_config = vllm
+        self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
         self.student: Optional[torch.nn.Module] = None
         self.teacher: Optional[torch.nn.Module] = None  # None: the live student teaches (or no teacher at all)
@@ -127,6 +135,13 @@ class MOPDModule(pl.LightningModule):
             if rows[0] != rows[1]:
                 raise ValueError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
                                  f"{rows[1]} rows, the student {rows[0]}")
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, every model sharded the same way
+            if self.device_mesh["tensor_parallel"].size() > 1:
+                raise ValueError("trainer.strategy: tensor parallelism is not supported; set "
+                                 "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
+            for model in (self.student, self.teacher, self.reference):
+                if model is not None:
+                    shard_model(model, self.device_mesh["data_parallel"])
 
     @property
     def scoring_teacher(self) -> torch.nn.Module:
@@ -143,6 +158,10 @@ class MOPDModule(pl.LightningModule):
     # -- one step -------------------------------------------------------------------------------------------
     def training_step(self, batch: List[Example], batch_idx: int) -> None:
         timer = PhaseTimer()
+        synced: Dict[str, float] = {}
+        if self.sampling.backend == "vllm":
+            with timer.phase("sync"):
+                synced = self.sync_engine()
         with timer.phase("sample"):
             rollouts = self.sample(batch, "train", self.sampling.group_size, self.sampling.temperature)
         with timer.phase("verify"):
@@ -151,6 +170,7 @@ class MOPDModule(pl.LightningModule):
             signal = self.training_signal(batch, rollouts)
         with timer.phase("student"):
             stats = self.update_student(rollouts, signal)
+        stats.update({f"engine_sync_{key}": value for key, value in synced.items()})
         self.rollout_batches += 1
         self.log_step(rollouts, signal, stats, timer)
 
@@ -159,8 +179,19 @@ class MOPDModule(pl.LightningModule):
         step = self.rollout_batches if stage == "train" else "eval"
         seeds = [[stable_seed(self.seed, stage, step, e.id, k) for k in range(group_size)] for e in batch]
         prompts = [self.render(e.messages) for e in batch]
-        return sample_groups(self.student, self.tokenizer, prompts, group_size, seeds, self.sampling.max_new_tokens,
-                             temperature, self.sampling.top_p, self.sampling.top_k)
+        options = (self.sampling.max_new_tokens, temperature, self.sampling.top_p, self.sampling.top_k)
+        if self.sampling.backend == "vllm":
+            self.sync_engine()
+            return self.engine.sample(prompts, group_size, seeds, *options)
+        return sample_groups(self.student, self.tokenizer, prompts, group_size, seeds, *options,
+                             synced=self._sharded_ranks())
+
+    def sync_engine(self) -> Dict[str, float]:
+        """Create the vLLM engine on first use and hand it the layers of the student that changed since."""
+        if self.engine is None:
+            self.engine = VLLMEngine(resolve_path(self.student_name), self.tokenizer, self.vllm_config, self.seed,
+                                     stop_token_ids(self.student, self.tokenizer))
+        return self.engine.sync(self.student)
 
     def render(self, messages: List[Dict[str, str]]) -> List[int]:
         return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -193,13 +224,14 @@ class MOPDModule(pl.LightningModule):
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
-            signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens, packed)
+            signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens, packed,
+                                                   self._forwards)
             signal.teacher_weight = output_weight(self.scoring_teacher).detach()
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.reference is not None:
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
-            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed)
+            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed, self._forwards)
             weight = output_weight(self.reference)
             signal.reference_logp = {
                 r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device))
@@ -220,28 +252,37 @@ class MOPDModule(pl.LightningModule):
         normalisers = [self._all_reduce(float(rollouts.tokens(counted))) for _, counted in plans]
         keep_old = self.method.needs_old_logp or self.optim.updates_per_batch > 1
         old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
+        if keep_old and rollouts.sample_logp:  # the sampler's own log-probs: importance weights correct its error
+            old_logp.update({r: torch.tensor(rollouts.sample_logp[r], device=self.device) for r in forward})
+        gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
         for update in range(self.optim.updates_per_batch):
-            stats = self._optimizer_step(rollouts, signal, forward, plans, normalisers, old_logp)
+            stats = self._optimizer_step(rollouts, signal, forward, plans, normalisers, old_logp,
+                                         gauge if update == 0 else None)
+        if gauge is not None:
+            tokens = max(rollouts.tokens(forward), 1)
+            stats.update(engine_logp_gap=gauge["gap"] / tokens, entropy=gauge["entropy"] / tokens)
         stats.update(forward_rows=len(forward), normalisers=normalisers, padded_fraction=self._padded_fraction(
             rollouts, signal, forward))
         return stats
 
     def _optimizer_step(self, rollouts: Rollouts, signal: TrainingSignal, forward: List[int], plans, normalisers,
-                        old_logp: Optional[Dict[int, torch.Tensor]]) -> Dict[str, Any]:
+                        old_logp: Optional[Dict[int, torch.Tensor]], gauge: Optional[Dict[str, float]]
+                        ) -> Dict[str, Any]:
         optimizer, schedule = self.optimizers(), self.lr_schedulers()
         objectives = self.method.objectives
         stats: Dict[str, Any] = {"loss_sums": [0.0] * len(objectives)}
         lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in forward]
-        plan = plan_micro_batches(lengths, self.optim.max_tokens_per_micro_batch, self.optim.packed) or [[]]
+        plan = plan_forwards(self.student, lengths, self.optim.max_tokens_per_micro_batch, self.optim.packed) or [[]]
+        plan += [[]] * (self._forwards(len(plan)) - len(plan))
         anyone = self._all_reduce(float(len(forward))) > 0  # no signal anywhere: a step that changes nothing
         finite = True
         for m, rows in enumerate(plan if anyone else []):
             chosen = [forward[i] for i in rows]
             with optimizer.toggle_model(sync_grad=m == len(plan) - 1):
                 if not chosen:  # this rank has no signal but must join the gradient all-reduce
-                    self.manual_backward(sum(p.sum() for p in self.student.parameters()) * 0.0)
+                    self.manual_backward(self._zero_loss())
                     continue
-                batch = self._student_micro_batch(rollouts, chosen, old_logp)
+                batch = self._student_micro_batch(rollouts, chosen, old_logp, gauge)
                 loss = batch.hidden.new_zeros(())
                 for i, ((weight, objective), (rows_of, _)) in enumerate(zip(objectives, plans)):
                     members = [r for r in chosen if r in rows_of]
@@ -267,18 +308,29 @@ class MOPDModule(pl.LightningModule):
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if self.teacher is not None and self.teacher_config.kind == "ema":
+            reshard(self.teacher, self.student)
             ema_update(self.teacher, self.student, self.teacher_config.ema_rate)
         stats["grad_norm"] = float(grad_norm)
         return stats
 
-    def _student_micro_batch(self, rollouts: Rollouts, rows: List[int],
-                             old_logp: Optional[Dict[int, torch.Tensor]]) -> MicroBatch:
-        """The student's forward pass on ``rows``; records their log-probabilities on the first update."""
+    def _student_micro_batch(self, rollouts: Rollouts, rows: List[int], old_logp: Optional[Dict[int, torch.Tensor]],
+                             gauge: Optional[Dict[str, float]] = None) -> MicroBatch:
+        """The student's forward pass on ``rows``; records their log-probabilities on the first update.
+
+        With a separate sampling engine, ``gauge`` sums the student's entropy and its log-prob gap to the engine on
+        these tokens (what the ``hf`` sampler's entropy is; the gap is the off-policy error of the rollouts).
+        """
         lengths = [len(rollouts.response_ids[r]) for r in rows]
         hidden = response_hidden_states(self.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in rows],
                                         lengths, self.tokenizer.pad_token_id, self.optim.packed)
         tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
         batch = MicroBatch(rows, hidden, output_weight(self.student), tokens, lengths)
+        if gauge is not None:
+            with torch.no_grad():
+                entropy, logp = entropy_and_logprobs(hidden.detach(), batch.weight.detach(), tokens)
+            engine = torch.tensor([x for r in rows for x in rollouts.sample_logp[r]], device=logp.device)
+            gauge["gap"] += float((engine - logp).abs().sum())
+            gauge["entropy"] += float(entropy.sum())
         if old_logp is not None:
             if any(r not in old_logp for r in rows):
                 old_logp.update(zip(rows, batch.current_logp().split(lengths)))
@@ -293,6 +345,24 @@ class MOPDModule(pl.LightningModule):
             passes.append([len(c.prompt_ids) + len(rollouts.response_ids[r])
                            for r, c in enumerate(signal.contexts) if c.active])
         return padded_fraction(passes, self.optim.max_tokens_per_micro_batch, self.optim.packed)
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss of 0 that gives every parameter a (zero) gradient; sharded, through a real forward pass, since
+        the other ranks' forward passes gather weights from this one."""
+        if not is_sharded(self.student):
+            return sum(p.sum() for p in self.student.parameters()) * 0.0
+        pad = torch.tensor([[self.tokenizer.pad_token_id]], device=self.device)
+        return (final_hidden_states(self.student, input_ids=pad).sum() + output_weight(self.student).sum()) * 0.0
+
+    def _sharded_ranks(self) -> bool:
+        """Whether this rank's forward passes must keep step with the other ranks' (a sharded model)."""
+        return is_sharded(self.student) and self.trainer.world_size > 1
+
+    def _forwards(self, count: int) -> int:
+        """How many forward passes to run when this rank needs ``count``: the most any rank needs, when sharded."""
+        if not self._sharded_ranks():
+            return count
+        return int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="max"))
 
     def _all_reduce(self, value: float) -> float:
         if self.trainer.world_size == 1:
@@ -365,11 +435,20 @@ class MOPDModule(pl.LightningModule):
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
     def on_fit_end(self) -> None:
-        if self.export_dir and self.trainer.is_global_zero:
+        if self.export_dir:
             self.export(self.export_dir)
 
     def export(self, path: str) -> None:
-        """Save the student and its tokenizer as a transformers checkpoint."""
-        self.student.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        log.info("exported the student to %s", path)
+        """Save the student and its tokenizer as a transformers checkpoint (gathered from every rank if sharded)."""
+        state = None
+        if is_sharded(self.student):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if getattr(self.student.config, "tie_word_embeddings", False):  # saved once, as transformers does
+                head = self.student.get_output_embeddings()
+                state.pop(next(f"{name}.weight" for name, m in self.student.named_modules() if m is head))
+        if self._trainer is None or self.trainer.is_global_zero:
+            self.student.save_pretrained(path, state_dict=state)
+            self.tokenizer.save_pretrained(path)
+            log.info("exported the student to %s", path)

@@ -1,7 +1,8 @@
 """Rollouts: a batch of groups, flattened, that knows its groups and (once verified) its successes.
 
 Rollout ``r`` answers prompt ``group[r]``. Sampling fills the token fields (and ``entropy``: the sum over the
-response's positions of the student's next-token entropy, when sampled); verification fills ``reward``,
+response's positions of the student's next-token entropy, when sampled; ``sample_logp``: the sampler's
+log-probability of each response token, when the sampler is a separate engine); verification fills ``reward``,
 ``success`` and ``feedback``. Success is decided here once, by the reward threshold, and everything
 downstream (peer contexts, advantages, pass@k, the analysis) reads ``success`` rather than deciding again.
 """
@@ -22,6 +23,7 @@ class Rollouts:
     response_text: List[str]
     finished: List[bool]
     entropy: List[float] = field(default_factory=list)
+    sample_logp: List[List[float]] = field(default_factory=list)
     reward: List[float] = field(default_factory=list)
     success: List[bool] = field(default_factory=list)
     feedback: List[Optional[str]] = field(default_factory=list)

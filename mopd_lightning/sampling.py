@@ -58,10 +58,12 @@ class SeededSampler:
 
 @torch.no_grad()
 def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int, seeds: List[List[int]],
-                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0) -> Rollouts:
+                  max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                  synced: bool = False) -> Rollouts:
     """Draw ``group_size`` rollouts for each prompt; ``seeds[p][k]`` seeds rollout ``k`` of prompt ``p``.
 
-    ``temperature == 0`` decodes greedily (the seeds are then unused).
+    ``temperature == 0`` decodes greedily (the seeds are then unused). ``synced``: every rank keeps decoding until
+    all ranks are done (a sharded model gathers its weights from all ranks at every step).
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -74,7 +76,7 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
     for r, ids in enumerate(rows):  # left padding: every row ends where generation starts
         input_ids[r, width - len(ids):] = torch.tensor(ids)
         attention_mask[r, width - len(ids):] = 1
-    stop = _stop_token_ids(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stop)
     processors = [] if temperature == 0 else [SeededSampler([s for group in seeds for s in group], temperature,
                                                             top_p, top_k)]
@@ -82,7 +84,8 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
     model.eval()
     try:
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                generation_config=config, logits_processor=LogitsProcessorList(processors))
+                                generation_config=config, logits_processor=LogitsProcessorList(processors),
+                                synced_gpus=synced)
     finally:
         model.train(was_training)
     new_tokens = output[:, width:].tolist()
@@ -102,7 +105,8 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
     return rollouts
 
 
-def _stop_token_ids(model, tokenizer) -> List[int]:
+def stop_token_ids(model, tokenizer) -> List[int]:
+    """The tokenizer's end-of-sequence token and the model's generation config's (chat models add one)."""
     ids = {tokenizer.eos_token_id}
     configured = getattr(model.generation_config, "eos_token_id", None)
     ids.update(configured if isinstance(configured, list) else [configured])

@@ -7,9 +7,11 @@ chunks, or fused), so the full ``(tokens x vocabulary)`` logits of whole sequenc
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import torch
+
+from .sharding import is_sharded
 
 
 def micro_batch_tokens(rows: Sequence[int], lengths: Sequence[int], packed: bool) -> int:
@@ -32,6 +34,14 @@ def plan_micro_batches(lengths: Sequence[int], max_tokens: int, packed: bool = F
         else:
             batches.append([i])
     return batches
+
+
+def plan_forwards(model, lengths: Sequence[int], max_tokens: int, packed: bool) -> List[List[int]]:
+    """:func:`plan_micro_batches`, one forward pass each: packed rows without variable-length attention run alone."""
+    plan = plan_micro_batches(lengths, max_tokens, packed)
+    if packed and not varlen_attention(model):
+        plan = [[i] for batch in plan for i in batch]
+    return plan
 
 
 def padded_fraction(passes: Sequence[Sequence[int]], max_tokens: int, packed: bool) -> float:
@@ -57,14 +67,12 @@ def response_hidden_states(model, sequences: List[List[int]], response_lengths: 
     """
     device = next(model.parameters()).device
     if packed and not varlen_attention(model):
-        return torch.cat([model.base_model(input_ids=torch.tensor([ids], device=device), use_cache=False)
-                          .last_hidden_state[0, len(ids) - n - 1: len(ids) - 1]
-                          for ids, n in zip(sequences, response_lengths)])
+        return torch.cat([final_hidden_states(model, input_ids=torch.tensor([ids], device=device))
+                          [0, len(ids) - n - 1: len(ids) - 1] for ids, n in zip(sequences, response_lengths)])
     if packed:
         input_ids = torch.tensor([[t for ids in sequences for t in ids]])
         positions = torch.cat([torch.arange(len(ids)) for ids in sequences])[None]
-        hidden = model.base_model(input_ids=input_ids.to(device), position_ids=positions.to(device),
-                                  use_cache=False).last_hidden_state[0]
+        hidden = final_hidden_states(model, input_ids=input_ids.to(device), position_ids=positions.to(device))[0]
         ends = torch.tensor([len(ids) for ids in sequences]).cumsum(0).tolist()
         cols = torch.cat([torch.arange(end - n - 1, end - 1) for end, n in zip(ends, response_lengths)])
         return hidden[cols.to(device)]
@@ -74,11 +82,27 @@ def response_hidden_states(model, sequences: List[List[int]], response_lengths: 
     for r, ids in enumerate(sequences):
         input_ids[r, : len(ids)] = torch.tensor(ids)
         attention_mask[r, : len(ids)] = 1
-    hidden = model.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                              use_cache=False).last_hidden_state
+    hidden = final_hidden_states(model, input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
     rows = torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in enumerate(response_lengths)])
     cols = torch.cat([torch.arange(len(ids) - n - 1, len(ids) - 1) for ids, n in zip(sequences, response_lengths)])
     return hidden[rows.to(device), cols.to(device)]
+
+
+def final_hidden_states(model, **inputs) -> torch.Tensor:
+    """The last layer's hidden states ``(B, T, H)``, without logits.
+
+    An unsharded model runs only its base model. A sharded (FSDP) one runs its own forward, with logits for one
+    position, so that FSDP gathers every unit's weights, the output projection's included, for the loss to read.
+    """
+    if not is_sharded(model):
+        return model.base_model(use_cache=False, **inputs).last_hidden_state
+    captured = []
+    hook = model.base_model.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(use_cache=False, logits_to_keep=1, **inputs)
+    finally:
+        hook.remove()
+    return captured[0]
 
 
 def varlen_attention(model) -> bool:
@@ -88,12 +112,23 @@ def varlen_attention(model) -> bool:
 
 @torch.no_grad()
 def score_rollouts(model, sequences: Dict[int, List[int]], response_lengths: Dict[int, int], pad_id: int,
-                   max_tokens: int, packed: bool = False) -> Dict[int, torch.Tensor]:
+                   max_tokens: int, packed: bool = False, forwards: Callable[[int], int] = int
+                   ) -> Dict[int, torch.Tensor]:
     """No-grad hidden states ``(response tokens, H)`` of each rollout, for ``sequences[r] = context ; response``,
-    in micro-batches of at most ``max_tokens`` computed tokens (teacher and reference passes, the analysis)."""
+    in micro-batches of at most ``max_tokens`` computed tokens (teacher and reference passes, the analysis).
+
+    ``forwards`` maps this rank's number of forward passes to the number to run: a sharded model needs every rank
+    to run as many (each gathers weights from all ranks), so the extra ones score a single padding token.
+    """
     rows = list(sequences)
     hidden: Dict[int, torch.Tensor] = {}
-    for batch in plan_micro_batches([len(sequences[r]) for r in rows], max_tokens, packed):
+    plan = plan_forwards(model, [len(sequences[r]) for r in rows], max_tokens, packed)
+    plan += [[]] * (forwards(len(plan)) - len(plan))
+    device = next(model.parameters()).device
+    for batch in plan:
+        if not batch:
+            final_hidden_states(model, input_ids=torch.tensor([[pad_id]], device=device))
+            continue
         chosen = [rows[i] for i in batch]
         lengths = [response_lengths[r] for r in chosen]
         states = response_hidden_states(model, [sequences[r] for r in chosen], lengths, pad_id, packed)
