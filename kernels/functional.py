@@ -7,9 +7,10 @@ from functools import partial
 import torch
 
 from ._common import check_args, resolve_backend
-from ._torch_jsd import jsd_rows_torch
+from .chunked_jsd import jsd_rows_torch
 from .fused_linear_jsd import FusedLinearGeneralizedJSDFunction, chunk_rows
-from .jsd import GeneralizedJSDFunction, jsd_rows_triton
+from .jsd import GeneralizedJSDFunction
+from .triton_jsd import jsd_rows_triton
 from .topk_jsd import topk_jsd_rows_torch
 
 

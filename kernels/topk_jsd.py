@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._common import NEG_LOG, compute_dtype, rows_per_chunk
-from ._torch_jsd import TEMPS_PER_ROW, apply_support_rule, divergence, for_each_active_chunk
+from .chunked_jsd import TEMPS_PER_ROW, apply_support_rule, divergence, for_each_active_chunk
 
 
 def _lse(x: torch.Tensor):

@@ -12,7 +12,7 @@ from kernel_helpers import (BACKENDS, TRITON_OK, assert_close_scaled, assert_mat
                             loss_and_grad)
 
 from mopd_kernels import generalized_jsd
-from mopd_kernels._torch_jsd import jsd_rows_torch
+from mopd_kernels.chunked_jsd import jsd_rows_torch
 from mopd_kernels.jsd import GeneralizedJSDFunction
 from mopd_kernels.reference import generalized_jsd_reference
 
@@ -57,7 +57,7 @@ def test_several_vocab_blocks(backend, alpha):
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_triton_small_blocks(alpha):
     """BLOCK=1024 over V=2500: three blocks, the last one partial, with zero-weight rows skipped."""
-    from mopd_kernels.jsd import jsd_rows_triton
+    from mopd_kernels.triton_jsd import jsd_rows_triton
 
     device = device_for("triton")
     student, teacher = make(n=4, device=device)

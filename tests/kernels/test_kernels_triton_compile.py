@@ -12,7 +12,7 @@ CODE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mopd_kernels import jsd
+from mopd_kernels import triton_jsd
 for dtype in ("fp32", "bf16"):
     for mode in (0, 1, 2):
         for grad in (True, False):
@@ -20,7 +20,7 @@ for dtype in ("fp32", "bf16"):
             signature = {"S_ptr": ptr, "s_stride": "i64", "T_ptr": ptr, "t_stride": "i64", "G_ptr": ptr,
                          "g_stride": "i64", "LOSS_ptr": "*fp32", "W_ptr": "*fp32", "V": "i32", "inv_temp": "fp32",
                          "alpha": "fp32", "MODE": "constexpr", "COMPUTE_GRAD": "constexpr", "BLOCK": "constexpr"}
-            src = ASTSource(fn=jsd._gjsd_kernel, signature=signature,
+            src = ASTSource(fn=triton_jsd._gjsd_kernel, signature=signature,
                             constexprs={"MODE": mode, "COMPUTE_GRAD": grad, "BLOCK": 4096})
             triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 print("compiled")

@@ -1,4 +1,4 @@
-"""Torch implementation of the per-row generalized JSD loss and its analytical gradient.
+"""The chunked torch op: the per-row generalized JSD loss and its analytical gradient, without Triton.
 
 This is what runs on CPU (and wherever Triton is absent): rows are processed in chunks sized from a memory
 budget, so the only (N, V) tensor ever allocated is the gradient itself, in the logits' dtype. Inside a
