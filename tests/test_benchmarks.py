@@ -43,3 +43,22 @@ def test_paper_shape_estimate(tmp_path):
     assert all(r["step_s_packed"] <= r["step_s_reference_padding"] for r in results)
     savings = [r["teacher_flops_saved"] for r in results]
     assert savings == sorted(savings, reverse=True) and savings[0] > 0.5
+
+
+def test_gpu_check_dry_run_runs_every_section(tmp_path):
+    """benchmarks/gpu_check.py is what a short GPU loan runs first: its code must work before a GPU is at hand."""
+    out = tmp_path / "gpu_check"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--dry-run"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "gpu_check.json").read_text())
+    sections = report["sections"]
+    assert list(sections) == ["tests", "kernels", "step"] and all(s["ok"] for s in sections.values())
+    assert "passed" in sections["tests"]["summary"]
+    impls = {(r["op"], r["impl"]): r["status"] for r in sections["kernels"]["results"]}
+    assert impls[("jsd", "copy")] == impls[("jsd", "ours")] == impls[("fused", "matmuls")] == "ok"
+    assert impls[("fused", "liger")].startswith("skipped")  # Liger needs a GPU
+    step = sections["step"]
+    assert len(step["steps"]) == 2 and all(s["time/teacher_s"] > 0 for s in step["steps"])
+    assert step["fused_vs_unfused"]["relative_loss_difference"] < 1e-5  # float32 on the CPU
+    assert "## step: ok" in (out / "gpu_check.md").read_text()
