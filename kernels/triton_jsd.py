@@ -47,6 +47,11 @@ if HAS_TRITON:
         return tl.maximum(s - lse_s, _NEG_LOG), tl.maximum(t - lse_t, _NEG_LOG)
 
     @triton.jit
+    def _log_mixture(p_s, p_t, alpha):
+        """log M of M = (1 - alpha) S + alpha T, floored only where M underflowed."""
+        return tl.maximum(tl.log((1.0 - alpha) * p_s + alpha * p_t), _FLOOR)
+
+    @triton.jit
     def _gjsd_kernel(
         S_ptr, s_stride, T_ptr, t_stride, G_ptr, g_stride, LOSS_ptr, W_ptr,
         V, inv_temp, alpha,
@@ -111,7 +116,7 @@ if HAS_TRITON:
                     acc_a += p_s * (log_s - log_t)
                 else:
                     p_t = tl.exp(log_t)
-                    log_m = tl.maximum(tl.log((1.0 - alpha) * p_s + alpha * p_t), _FLOOR)
+                    log_m = _log_mixture(p_s, p_t, alpha)
                     acc_a += p_s * (log_s - log_m)
                     acc_b += p_t * (log_t - log_m)
             kl_a = tl.sum(acc_a, axis=0)
@@ -131,7 +136,7 @@ if HAS_TRITON:
                         g = p_s * (log_s - log_t - kl_a)
                     else:
                         p_t = tl.exp(log_t)
-                        log_m = tl.maximum(tl.log((1.0 - alpha) * p_s + alpha * p_t), _FLOOR)
+                        log_m = _log_mixture(p_s, p_t, alpha)
                         g = (1.0 - alpha) * p_s * (log_s - log_m - kl_a)
                     tl.store(g_row + cols, (g * coef).to(G_ptr.dtype.element_ty), mask=mask)
 
