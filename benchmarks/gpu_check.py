@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -104,7 +103,7 @@ def run_step(dry_run: bool, device: str) -> dict:
     from torch.utils.data import DataLoader
 
     from mopd_lightning import MOPDModule, PromptDataModule
-    from mopd_lightning.config import LossConfig, PeerConfig, SamplingConfig
+    from mopd_lightning.config import PeerConfig, SamplingConfig
     from mopd_lightning.data.datamodule import PromptStream
 
     prompts, new_tokens = (2, 8) if dry_run else (8, 256)

@@ -125,10 +125,10 @@ class VLLMEngine:
             return sent
         self._wake(["weights"])
         tied = bool(getattr(student.config, "tie_word_embeddings", False))
-        params = sum(1 for n, _ in student.named_parameters() if layer_key(n) in set(layers))
+        wanted = set(layers)
+        sent["parameters"] = float(sum(1 for name, _ in student.named_parameters() if layer_key(name) in wanted))
         self.llm.collective_rpc(_reload_in_worker, args=(self.tracker.weights(student, layers), tied))
         self.llm.reset_prefix_cache()
-        sent["parameters"] = float(params)
         if self.config.check_sync:
             sent["gap"] = self.probe_gap(student)
             if sent["gap"] > self.config.sync_tolerance:
