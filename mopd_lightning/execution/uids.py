@@ -12,7 +12,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 import time
 from contextlib import ExitStack, contextmanager
 from typing import Collection, Iterator, List
@@ -21,6 +20,10 @@ SANDBOX_UID_BASE = int(os.environ.get("MOPD_SANDBOX_UID_BASE", "64000"))
 """First user id of the pool (ids ``BASE .. BASE+SANDBOX_UID_COUNT-1``, none with a passwd entry)."""
 SANDBOX_UID_COUNT = 128
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+LOCK_DIR = os.environ.get("MOPD_SANDBOX_LOCK_DIR", "/run/mopd-sandbox-uids")
+"""The pool's lock files: one folder for the whole machine, whatever each verifier's ``TMPDIR`` (a private one
+would split the pool, and two jobs could hand out the same uid), and outside the world-writable folders, where
+files are what programs leave behind. Only root uses the pool, and ``/run`` is root's."""
 
 
 def pids_of(uids: Collection[int]) -> List[int]:
@@ -72,7 +75,7 @@ def remove_files_of(uid: int) -> None:
 
 
 def _lock_dir() -> str:
-    folder = os.path.join(tempfile.gettempdir(), "mopd-sandbox-uids")
+    folder = LOCK_DIR
     os.makedirs(folder, mode=0o700, exist_ok=True)
     st = os.lstat(folder)
     if st.st_uid != os.geteuid() or not os.path.isdir(folder) or os.path.islink(folder):

@@ -5,6 +5,7 @@ Each case runs through the code verifier as a stdio problem whose expected outpu
 if it succeeded; the attacks that need it also run through ``run_python`` to inspect what the program saw.
 """
 
+import contextlib
 import os
 import secrets
 import signal
@@ -299,7 +300,7 @@ def test_without_root_a_user_namespace_gives_the_namespaces_level():
     setpriv, python = shutil.which("setpriv"), shutil.which("python3", path="/usr/bin:/bin")
     if os.geteuid() != 0 or setpriv is None or python is None:
         pytest.skip("needs root (to become another user), setpriv and a system python3")
-    folder = tempfile.mkdtemp()
+    folder = tempfile.mkdtemp(dir="/tmp")  # not TMPDIR: a private one (0700) is closed to the other user
     try:
         os.chmod(folder, 0o755)
         env = _standalone_sandbox(folder)
@@ -334,3 +335,45 @@ def test_the_process_level_still_leaves_nothing_behind(tmp_path):
     judged = _run(process_level, "import os; os.write(4, os.read(3, 2))", {}, b"", Limits(timeout_s=5),
                   "import os; os.write(4, b'ok'); print(os.read(3, 2).decode())")
     assert judged.ok and judged.stdout.strip() == "ok", judged
+
+
+@pytest.mark.parametrize("level", ["machine", "process"])
+def test_a_private_temp_folder(level, isolation, tmp_path, monkeypatch):
+    """A cluster job's TMPDIR is often private (0700): runs still work at every level, a pool uid included."""
+    import tempfile
+
+    from mopd_lightning.execution.sandbox import _run
+
+    if level == "process" and os.geteuid() != 0:
+        pytest.skip("the process level runs programs as pool uids only as root")
+    private = tmp_path / "private-tmp"
+    private.mkdir(mode=0o700)
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
+    chosen = isolation if level == "machine" else Isolation("process", dedicated_uid=os.geteuid() == 0)
+    program = "import os; os.write(4, os.read(3, 2)); open('x', 'w').write('a'); os.write(4, open('data').read().encode())"
+    judge = "import os; os.write(4, b'ok'); print(os.read(3, 2).decode(), os.read(3, 1).decode())"
+    result = _run(chosen, program, {"data": "b"}, b"", Limits(timeout_s=10), judge)
+    assert result.ok and result.stdout.split() == ["ok", "b"], result
+    assert list(private.iterdir()) == []  # the run's own files went with it
+
+
+def test_the_uid_pool_is_one_per_machine_whatever_the_temp_folder(tmp_path, monkeypatch):
+    """Two verifiers with different TMPDIRs share one pool (never one uid), and its locks are not files in the
+    machine's shared folders, where they would look like something a program left behind."""
+    import random
+    import tempfile
+
+    from mopd_lightning.execution import uids
+
+    if os.geteuid() != 0:
+        pytest.skip("only root hands out pool uids")
+    assert not any(os.path.commonpath([uids.LOCK_DIR, folder]) == folder
+                   for folder in uids.WORLD_WRITABLE + (tempfile.gettempdir(),))
+    monkeypatch.setattr(random, "randrange", lambda n: 0)  # both start their search at the same uid
+    with contextlib.ExitStack() as stack:
+        claimed = []
+        for job in ("a", "b"):
+            (tmp_path / job).mkdir(mode=0o700)
+            monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / job))
+            claimed += stack.enter_context(uids.claimed_uids(1))
+        assert claimed[0] != claimed[1]
