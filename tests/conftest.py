@@ -2,8 +2,12 @@ import os
 import sys
 from pathlib import Path
 
-# Triton kernels run on CPU tensors only under its interpreter, which must be chosen before triton is imported.
-if not Path("/dev/nvidia0").exists():
+import torch
+
+# Triton kernels run on CPU tensors only under its interpreter, which must be chosen before triton is imported (torch
+# does not import it). Asked of torch, not of /dev: a GPU that torch cannot use must not leave the interpreter off, and
+# a usable one must never get it (on CUDA it would replace the compiled kernels; triton 3.6's breaks on numpy >= 2.4).
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest

@@ -1,17 +1,8 @@
-"""Kernel tests run the Triton kernels on CPU tensors through the interpreter when there is no GPU.
+"""Kernel tests: on a CUDA machine the Triton kernels are compiled; without one they run on CPU tensors through
+Triton's interpreter, which ``tests/conftest.py`` switches on before anything imports triton."""
 
-Triton picks interpreter or compiler when it is first imported, so TRITON_INTERPRET=1 goes into the
-environment here, before anything below imports triton. On a CUDA machine the kernels are compiled instead.
-"""
-
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
