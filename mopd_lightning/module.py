@@ -113,7 +113,12 @@ class MOPDModule(pl.LightningModule):
 
     # -- models ---------------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Tokenizers first: an external teacher with another vocabulary fails before any weights load."""
+        """Settings the update cannot honour, then tokenizers: an external teacher with another vocabulary fails
+        before any weights load."""
+        if stage == "fit" and getattr(self._trainer.precision_plugin if self._trainer else None, "scaler", None):
+            raise ValueError("trainer.precision: 16-mixed (float16 with a gradient scaler) is not supported yet: the "
+                             "update clips and skips non-finite steps outside the scaler. Use bf16-mixed (GPUs "
+                             "since Ampere) or 32-true.")
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.student_name)
         if self.method.needs_teacher and self.teacher_config.kind == "external":

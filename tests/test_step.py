@@ -117,6 +117,19 @@ def test_non_finite_loss_skips_the_step(tiny_model, monkeypatch):
         assert torch.equal(value, before[name])
 
 
+def test_float16_with_a_gradient_scaler_is_refused_before_any_weights_load(tiny_model):
+    """CUDA's 16-mixed (a GradScaler, which Lightning gives only on CUDA: forced here) would clip scaled gradients."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    module = make(tiny_model)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         plugins=[MixedPrecision("16-mixed", "cpu")])
+    loader = DataLoader(PromptStream(examples(2), 2, seed=0, shuffle=False), batch_size=None)
+    with pytest.raises(ValueError, match="trainer.precision: 16-mixed"):
+        trainer.fit(module, train_dataloaders=loader)
+    assert module.student is None
+
+
 def test_no_peer_rollouts_are_masked(tiny_model):
     module = make(tiny_model, peers=PeerConfig(n_success=1, n_failure=0))
     module.setup("fit")
