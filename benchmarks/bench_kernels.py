@@ -52,21 +52,39 @@ def _rss_mb(field: str) -> float:
     return float("nan")
 
 
-def _make_step(op, impl, n, v, h, dtype, device, alpha, temperature):
+def liger_loss(op: str, alpha: float, temperature: float):
+    """Liger-Kernel's loss for ``op`` in our convention (its ``beta`` is our ``alpha``): ``jsd`` takes logits (the
+    log_softmax Liger needs is part of its cost), ``fused`` takes (student hidden, weight, teacher hidden, weight)."""
+    import torch
+
+    if op == "jsd":
+        from liger_kernel.transformers.jsd import LigerJSD
+
+        jsd = LigerJSD(beta=alpha)
+        return lambda student, teacher: jsd(torch.log_softmax(student.float() / temperature, -1),
+                                            torch.log_softmax(teacher.float() / temperature, -1))
+    from liger_kernel.transformers.fused_linear_jsd import LigerFusedLinearJSD
+
+    fused = LigerFusedLinearJSD(jsd_beta=alpha, temperature=temperature)
+    return lambda hs, ws, ht, wt: fused(hs, ws, ht, wt, None)  # no labels: every row counts
+
+
+def _make_step(op, impl, n, v, h, dtype, device, alpha, temperature, backend="auto"):
     """Build inputs and return a closure running one forward+backward, or raise ImportError (skip)."""
     import torch
 
     from mopd_kernels import fused_linear_generalized_jsd, generalized_jsd
+    from mopd_kernels._common import interpreter_on
     from mopd_kernels.reference import fused_linear_generalized_jsd_reference, generalized_jsd_reference
 
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator(device=device).manual_seed(0)  # on the device: a serial CPU generator takes minutes at 1e9
     dt = getattr(torch, dtype)
 
     def randn(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dt)
 
-    if impl == "liger" and device == "cpu":
-        raise ImportError("Liger-Kernel runs on GPUs only")
+    if impl == "liger" and device == "cpu" and not interpreter_on():
+        raise ImportError("Liger-Kernel runs on the CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
     if op == "jsd":
         student = randn(n, v, scale=2.0).requires_grad_(True)
         teacher = randn(n, v, scale=2.0)
@@ -80,15 +98,11 @@ def _make_step(op, impl, n, v, h, dtype, device, alpha, temperature):
         elif impl == "naive":
             fn = lambda: generalized_jsd_reference(student, teacher, alpha=alpha, temperature=temperature)  # noqa: E731
         elif impl == "ours":
-            fn = lambda: generalized_jsd(student, teacher, alpha=alpha, temperature=temperature)  # noqa: E731
+            fn = lambda: generalized_jsd(student, teacher, alpha=alpha, temperature=temperature,  # noqa: E731
+                                         backend=backend)
         elif impl == "liger":
-            from liger_kernel.transformers import LigerJSD
-
-            jsd = LigerJSD(beta=alpha)
-
-            def fn():  # Liger takes log-probabilities: the log_softmax is part of its cost
-                return jsd(torch.log_softmax(student.float() / temperature, -1),
-                           torch.log_softmax(teacher.float() / temperature, -1))
+            loss = liger_loss(op, alpha, temperature)
+            fn = lambda: loss(student, teacher)  # noqa: E731
         leaves = [student]
     else:
         hs = randn(n, h).requires_grad_(True)
@@ -106,12 +120,10 @@ def _make_step(op, impl, n, v, h, dtype, device, alpha, temperature):
         elif impl == "naive":
             fn = lambda: fused_linear_generalized_jsd_reference(hs, ws, ht, wt, **kw)  # noqa: E731
         elif impl == "ours":
-            fn = lambda: fused_linear_generalized_jsd(hs, ws, ht, wt, **kw)  # noqa: E731
+            fn = lambda: fused_linear_generalized_jsd(hs, ws, ht, wt, **kw, backend=backend)  # noqa: E731
         elif impl == "liger":
-            from liger_kernel.transformers import LigerFusedLinearJSD
-
-            mod = LigerFusedLinearJSD(jsd_beta=alpha, temperature=temperature)
-            fn = lambda: mod(hs, ws, ht, wt)  # noqa: E731
+            loss = liger_loss(op, alpha, temperature)
+            fn = lambda: loss(hs, ws, ht, wt)  # noqa: E731
         leaves = [hs, ws]
 
     def step():
@@ -134,7 +146,7 @@ def worker(spec: dict) -> dict:
     device = spec["device"]
     cuda = device == "cuda"
     step = _make_step(spec["op"], spec["impl"], spec["n"], spec["v"], spec["h"], spec["dtype"], device,
-                      spec["alpha"], spec["temperature"])
+                      spec["alpha"], spec["temperature"], spec["backend"])
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     gc.collect()
     # Peak memory of the first forward+backward, above what the inputs already hold.
@@ -177,7 +189,7 @@ def device_name(device: str) -> str:
 def run_point(point, impl, args, device):
     op, n, v, h, dtype = point
     spec = {"op": op, "impl": impl, "n": n, "v": v, "h": h, "dtype": dtype, "device": device, "reps": args.reps,
-            "alpha": args.alpha, "temperature": args.temperature, "threads": args.threads}
+            "alpha": args.alpha, "temperature": args.temperature, "threads": args.threads, "backend": args.backend}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -270,12 +282,16 @@ def plot(records, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def main(argv=None, on_record=None) -> list:
+    """Measure every (point, implementation); the JSON and Markdown files are rewritten after each measurement
+    (a run cut short still leaves its table), the plot at the end. ``on_record(records)`` is called likewise."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="small shapes (seconds)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--op", choices=["jsd", "fused", "all"], default="all")
-    p.add_argument("--impl", nargs="*", default=None, help="subset of: matmuls naive liger ours")
+    p.add_argument("--impl", nargs="*", default=None, help="subset of: copy matmuls naive liger ours")
+    p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
+                   help="backend of ours (auto: Triton on CUDA, torch on the CPU; triton on the CPU: the interpreter)")
     p.add_argument("--point", action="append", default=None, metavar="OP,N,V,H,DTYPE",
                    help="custom point, e.g. jsd,4096,49152,0,float32 (repeatable)")
     p.add_argument("--reps", type=int, default=3, help="timed repetitions after the warm-up (median)")
@@ -290,7 +306,7 @@ def main(argv=None) -> None:
 
     if args.worker:
         print(json.dumps({**worker(json.loads(args.worker)), "status": "ok"}))
-        return
+        return []
 
     import torch
 
@@ -310,7 +326,10 @@ def main(argv=None) -> None:
             "device_name": device_name(device), "torch": torch.__version__, "triton": triton_version,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"), "alpha": args.alpha, "temperature": args.temperature,
             "reps": args.reps, "threads": args.threads or torch.get_num_threads(), "python": platform.python_version(),
-            "load_before": os.getloadavg()[0]}  # a shared machine's load skews CPU timings: record it
+            "backend": args.backend, "load_before": os.getloadavg()[0]}  # a shared machine's load skews CPU timings
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / (f"kernels_{device}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else ""))
     records = []
     for point in points:
         for impl in IMPLS[point[0]]:
@@ -322,17 +341,16 @@ def main(argv=None) -> None:
             records.append(r)
             shown = f"{r['time_ms']:.1f} ms, {r['peak_mb']:.0f} MiB" if r.get("status") == "ok" else r["status"]
             print(f"{point} {impl:8s} {shown}", flush=True)
-    meta["load_after"] = os.getloadavg()[0]
-    ratios(records)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels_{device}" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": records}, indent=2))
-    table = markdown(records, meta)
-    (out / f"{stem}.md").write_text(table)
-    plot(records, out / f"{stem}.png", f"{meta['device_name']} - {meta['command']}")
-    print(table)
-    print(f"wrote {out / stem}.{{json,md,png}}")
+            meta["load_after"] = os.getloadavg()[0]
+            ratios(records)
+            stem.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": records}, indent=2))
+            stem.with_suffix(".md").write_text(markdown(records, meta))
+            if on_record is not None:
+                on_record(records)
+    plot(records, stem.with_suffix(".png"), f"{meta['device_name']} - {meta['command']}")
+    print(markdown(records, meta))
+    print(f"wrote {stem}.{{json,md,png}}")
+    return records
 
 
 if __name__ == "__main__":
