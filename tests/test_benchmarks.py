@@ -2,8 +2,10 @@
 numbers keeps working."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,20 +47,75 @@ def test_paper_shape_estimate(tmp_path):
     assert savings == sorted(savings, reverse=True) and savings[0] > 0.5
 
 
-def test_gpu_check_dry_run_runs_every_section(tmp_path):
-    """benchmarks/gpu_check.py is what a short GPU loan runs first: its code must work before a GPU is at hand."""
+def test_gpu_check_dry_run_runs_every_stage(tmp_path):
+    """benchmarks/gpu_check.py is what a short GPU loan runs first: its dry run runs the GPU run's code on the CPU,
+    from installing the project into an environment that lacks it to the report."""
     out = tmp_path / "gpu_check"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), str(out), "--dry-run"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
-    sections = report["sections"]
-    assert list(sections) == ["tests", "kernels", "step"] and all(s["ok"] for s in sections.values())
-    assert "passed" in sections["tests"]["summary"]
-    impls = {(r["op"], r["impl"]): r["status"] for r in sections["kernels"]["results"]}
-    assert impls[("jsd", "copy")] == impls[("jsd", "ours")] == impls[("fused", "matmuls")] == "ok"
-    assert impls[("fused", "liger")].startswith("skipped")  # Liger needs a GPU
-    step = sections["step"]
-    assert len(step["steps"]) == 2 and all(s["time/teacher_s"] > 0 for s in step["steps"])
-    assert step["fused_vs_unfused"]["relative_loss_difference"] < 1e-5  # float32 on the CPU
+    stages = report["stages"]
+    assert list(stages) == ["install", "tests", "kernels", "step"] and all(s["ok"] for s in stages.values()), stages
+    install = stages["install"]  # a fresh environment, without the project until the check installed it
+    assert install["fresh_environment"] and not install["project_importable_before"]
+    assert install["versions"]["mopd_lightning"].startswith(str(ROOT)) and install["triton_interpreter"] == "works"
+    assert "passed" in stages["tests"]["summary"]
+    impls = {(r["op"], r["impl"]): r["status"] for r in stages["kernels"]["results"]}
+    assert stages["kernels"]["backend_of_ours"] == "triton (interpreter)"
+    assert all(status == "ok" for status in impls.values()), impls  # Liger's rows too, under the interpreter
+    assert {impl for _, impl in impls} == {"copy", "matmuls", "naive", "liger", "ours"}
+    step = stages["step"]
+    training = step["training"]
+    assert len(training["steps"]) == 2 and all(s["time/teacher_s"] > 0 for s in training["steps"])
+    assert [s["missed"] for s in training["engine_sync"]] == [[], []]
+    assert all(s["layers_changed"] > 0 for s in training["engine_sync"])
+    agreement = training["fused_vs_unfused"]
+    assert agreement["relative_loss_difference"] < 1e-5 and agreement["operand_devices"] == [step["device"]]
+    assert step["packed_sdpa"]["steps"][0]["train/padded_fraction"] == 0.0
+    assert "trainer.precision: 16-mixed" in step["float16"]["refused"]
     assert "## step: ok" in (out / "gpu_check.md").read_text()
+
+
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
+
+
+def test_a_stage_past_its_time_box_is_killed_with_what_it_started_and_keeps_its_partial_results(tmp_path):
+    partial, pid_file = tmp_path / "stage.json", tmp_path / "worker.pid"
+    stage = (f"import json, subprocess, time\n"
+             f"worker = subprocess.Popen(['sleep', '60'])\n"
+             f"open({str(pid_file)!r}, 'w').write(str(worker.pid))\n"
+             f"open({str(partial)!r}, 'w').write(json.dumps({{'measured': 1}}))\n"
+             f"time.sleep(60)\n")
+    started = time.monotonic()
+    result = _gpu_check().run_stage([sys.executable, "-c", stage], 3, partial, tmp_path / "stage.log", dict(os.environ))
+    assert time.monotonic() - started < 15
+    assert result["measured"] == 1 and not result["ok"] and "timed out after 3 s" in result["error"]
+    worker = int(pid_file.read_text())
+    deadline = time.monotonic() + 5
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker), "the stage's worker outlived its time box"
+
+
+def _alive(pid: int) -> bool:
+    """Running (a killed orphan may stay a zombie until init reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_gpu_run_never_gets_the_triton_interpreter(monkeypatch):
+    gpu_check = _gpu_check()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # set by the calling shell
+    assert "TRITON_INTERPRET" not in gpu_check.stage_environment(dry_run=False, interpreter_works=True)
+    assert gpu_check.stage_environment(dry_run=True, interpreter_works=True)["TRITON_INTERPRET"] == "1"
+    assert "TRITON_INTERPRET" not in gpu_check.stage_environment(dry_run=True, interpreter_works=False)
