@@ -119,3 +119,18 @@ def test_a_gpu_run_never_gets_the_triton_interpreter(monkeypatch):
     assert "TRITON_INTERPRET" not in gpu_check.stage_environment(dry_run=False, interpreter_works=True)
     assert gpu_check.stage_environment(dry_run=True, interpreter_works=True)["TRITON_INTERPRET"] == "1"
     assert "TRITON_INTERPRET" not in gpu_check.stage_environment(dry_run=True, interpreter_works=False)
+
+
+def test_a_failed_install_is_reported_and_no_stage_runs(tmp_path, monkeypatch):
+    gpu_check = _gpu_check()
+
+    def failing_install(python, result):
+        result["wheels"] = ["liger_kernel-0.8.5-py3-none-any.whl"]
+        raise RuntimeError("installing the carried wheels failed (exit 1): No space left on device")
+
+    monkeypatch.setattr(gpu_check, "install", failing_install)
+    assert gpu_check.main([str(tmp_path)]) == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(report["stages"]) == ["install"] and report["stages"]["install"]["wheels"]
+    assert "No space left on device" in report["stages"]["install"]["error"]
+    assert "## install: FAILED" in (tmp_path / "gpu_check.md").read_text()
