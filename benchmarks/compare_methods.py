@@ -156,7 +156,7 @@ def write(out: Path, runs, table, args, wall_s: float) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "table": table, "runs": runs}, indent=1))
     lines = [f"# Methods compared on `{Path(args.config).name}` ({args.steps} steps, seeds {args.seeds})", "",
              *([args.note, ""] if args.note else []),
-             f"Settings of each arm: " + "; ".join(f"{a}: `{' '.join(r['settings']) or '(config)'}`"
+             "Settings of each arm: " + "; ".join(f"{a}: `{' '.join(r['settings']) or '(config)'}`"
                                                   for a, r in {r['arm']: r for r in runs}.items()) + ".", "",
              f"Held-out {args.eval_split} prompts: {args.eval_prompts} per seed (each seed generates its own data); mean "
              f"over seeds at each prompt position, bootstrap 95% intervals over positions; `vs base` is the "

@@ -324,7 +324,6 @@ def run_step(results: Partial, out: Path, dry_run: bool) -> None:
 def fit(path: Path, device: str, dry_run: bool, steps: int, callbacks=(), plugins=(), precision=None, **module_args):
     """``steps`` MOPD steps through a real Lightning Trainer; returns the module and each step's logged numbers."""
     import lightning.pytorch as pl
-    import torch
     from torch.utils.data import DataLoader
 
     from mopd_lightning import MOPDModule, PromptDataModule

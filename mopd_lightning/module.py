@@ -20,20 +20,20 @@ from .analysis import CONTEXT_VARIANTS, teacher_signal_records
 from .config import (GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig,
                      VLLMConfig)
 from .data.example import Example
-from .loss import entropy_and_logprobs, token_logprobs
+from .loss import token_logprobs
 from .methods import MethodName, build_method
 from .metrics import PassAtK, training_metrics
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer, resolve_path
-from .objectives import MicroBatch, TrainingSignal, group_advantages
+from .objectives import TrainingSignal, group_advantages
 from .peers import build_teacher_contexts
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
 from .sampling import sample_groups, stable_seed, stop_token_ids
-from .scoring import (final_hidden_states, output_weight, padded_fraction, plan_forwards, response_hidden_states,
-                      score_rollouts)
-from .sharding import is_sharded, reshard, shard_model
-from .teacher import ema_update, make_teacher
+from .scoring import (output_weight, score_rollouts)
+from .sharding import is_sharded, shard_model
+from .teacher import make_teacher
 from .timing import PhaseTimer
+from .update import StudentUpdate
 from .vllm_engine import VLLMEngine
 
 log = logging.getLogger(__name__)
@@ -230,13 +230,13 @@ class MOPDModule(pl.LightningModule):
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
             signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens, packed,
-                                                   self._forwards)
+                                                   self.forwards)
             signal.teacher_weight = output_weight(self.scoring_teacher).detach()
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.reference is not None:
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
-            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed, self._forwards)
+            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed, self.forwards)
             weight = output_weight(self.reference)
             signal.reference_logp = {
                 r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device))
@@ -244,132 +244,20 @@ class MOPDModule(pl.LightningModule):
         return signal
 
     def update_student(self, rollouts: Rollouts, signal: TrainingSignal) -> Dict[str, Any]:
-        """``optim.updates_per_batch`` optimizer steps on this batch of rollouts, each followed by the EMA update.
-
-        Each objective's loss is a token mean over the whole step, across micro-batches and ranks: every
-        micro-batch adds its token sum divided by that objective's global token count, so micro-batch size and
-        device count do not change the update. The log-probabilities before the first update are kept when an
-        objective needs them (GRPO's ratio) or rollouts are reused (importance weights).
-        """
-        plans = [objective.rows(rollouts, signal) for _, objective in self.method.objectives]
-        plans = [(set(rows), counted) for rows, counted in plans]
-        forward = sorted(set().union(*(rows for rows, _ in plans)))
-        normalisers = [self._all_reduce(float(rollouts.tokens(counted))) for _, counted in plans]
-        keep_old = self.method.needs_old_logp or self.optim.updates_per_batch > 1
-        old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
-        if keep_old and rollouts.sample_logp:  # the sampler's own log-probs: importance weights correct its error
-            old_logp.update({r: torch.tensor(rollouts.sample_logp[r], device=self.device) for r in forward})
-        gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
-        for update in range(self.optim.updates_per_batch):
-            stats = self._optimizer_step(rollouts, signal, forward, plans, normalisers, old_logp,
-                                         gauge if update == 0 else None)
-        if gauge is not None:
-            tokens = max(rollouts.tokens(forward), 1)
-            stats.update(engine_logp_gap=gauge["gap"] / tokens, entropy=gauge["entropy"] / tokens)
-        stats.update(forward_rows=len(forward), normalisers=normalisers, padded_fraction=self._padded_fraction(
-            rollouts, signal, forward))
-        return stats
-
-    def _optimizer_step(self, rollouts: Rollouts, signal: TrainingSignal, forward: List[int], plans, normalisers,
-                        old_logp: Optional[Dict[int, torch.Tensor]], gauge: Optional[Dict[str, float]]
-                        ) -> Dict[str, Any]:
-        optimizer, schedule = self.optimizers(), self.lr_schedulers()
-        objectives = self.method.objectives
-        stats: Dict[str, Any] = {"loss_sums": [0.0] * len(objectives)}
-        lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in forward]
-        plan = plan_forwards(self.student, lengths, self.optim.max_tokens_per_micro_batch, self.optim.packed) or [[]]
-        plan += [[]] * (self._forwards(len(plan)) - len(plan))
-        anyone = self._all_reduce(float(len(forward))) > 0  # no signal anywhere: a step that changes nothing
-        finite = True
-        for m, rows in enumerate(plan if anyone else []):
-            chosen = [forward[i] for i in rows]
-            with optimizer.toggle_model(sync_grad=m == len(plan) - 1):
-                if not chosen:  # this rank has no signal but must join the gradient all-reduce
-                    self.manual_backward(self._zero_loss())
-                    continue
-                batch = self._student_micro_batch(rollouts, chosen, old_logp, gauge)
-                loss = batch.hidden.new_zeros(())
-                for i, ((weight, objective), (rows_of, _)) in enumerate(zip(objectives, plans)):
-                    members = [r for r in chosen if r in rows_of]
-                    if not members:
-                        continue
-                    part = objective.loss_sum(batch.select(members), signal)
-                    stats["loss_sums"][i] += float(part.detach())
-                    loss = loss + weight * part * (self.trainer.world_size / normalisers[i])  # DDP averages ranks
-                finite &= bool(torch.isfinite(loss))
-                self.manual_backward(loss)
-        max_norm = self.optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
-        finite = finite and bool(torch.isfinite(grad_norm))
-        if self._all_reduce(0.0 if finite else 1.0) > 0:  # every rank skips together
-            self.skipped_steps += 1
-            # With no gradients the optimizer leaves every weight and its state alone, yet Lightning counts
-            # the step, so max_steps still bounds a run whose losses keep coming out non-finite.
-            optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
-            log.warning("non-finite loss or gradient: step skipped (%d so far)", self.skipped_steps)
-            return stats
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        if self.teacher is not None and self.teacher_config.kind == "ema":
-            reshard(self.teacher, self.student)
-            ema_update(self.teacher, self.student, self.teacher_config.ema_rate)
-        stats["grad_norm"] = float(grad_norm)
-        return stats
-
-    def _student_micro_batch(self, rollouts: Rollouts, rows: List[int], old_logp: Optional[Dict[int, torch.Tensor]],
-                             gauge: Optional[Dict[str, float]] = None) -> MicroBatch:
-        """The student's forward pass on ``rows``; records their log-probabilities on the first update.
-
-        With a separate sampling engine, ``gauge`` sums the student's entropy and its log-prob gap to the engine on
-        these tokens (what the ``hf`` sampler's entropy is; the gap is the off-policy error of the rollouts).
-        """
-        lengths = [len(rollouts.response_ids[r]) for r in rows]
-        hidden = response_hidden_states(self.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in rows],
-                                        lengths, self.tokenizer.pad_token_id, self.optim.packed)
-        tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
-        batch = MicroBatch(rows, hidden, output_weight(self.student), tokens, lengths)
-        if gauge is not None:
-            with torch.no_grad():
-                entropy, logp = entropy_and_logprobs(hidden.detach(), batch.weight.detach(), tokens)
-            engine = torch.tensor([x for r in rows for x in rollouts.sample_logp[r]], device=logp.device)
-            gauge["gap"] += float((engine - logp).abs().sum())
-            gauge["entropy"] += float(entropy.sum())
-        if old_logp is not None:
-            if any(r not in old_logp for r in rows):
-                old_logp.update(zip(rows, batch.current_logp().split(lengths)))
-            batch.old_logp = torch.cat([old_logp[r] for r in rows])
-        return batch
-
-    def _padded_fraction(self, rollouts: Rollouts, signal: TrainingSignal, forward: List[int]) -> float:
-        """Padding's share of the tokens this step's teacher, reference and student passes computed."""
-        full = {r: len(rollouts.prompt_ids[r]) + len(ids) for r, ids in enumerate(rollouts.response_ids)}
-        passes = [[full[r] for r in forward], [full[r] for r in signal.reference_logp]]
-        if signal.contexts is not None:
-            passes.append([len(c.prompt_ids) + len(rollouts.response_ids[r])
-                           for r, c in enumerate(signal.contexts) if c.active])
-        return padded_fraction(passes, self.optim.max_tokens_per_micro_batch, self.optim.packed)
-
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss of 0 that gives every parameter a (zero) gradient; sharded, through a real forward pass, since
-        the other ranks' forward passes gather weights from this one."""
-        if not is_sharded(self.student):
-            return sum(p.sum() for p in self.student.parameters()) * 0.0
-        pad = torch.tensor([[self.tokenizer.pad_token_id]], device=self.device)
-        return (final_hidden_states(self.student, input_ids=pad).sum() + output_weight(self.student).sum()) * 0.0
+        """``optim.updates_per_batch`` optimizer steps on this batch of rollouts (``update.py``)."""
+        return StudentUpdate(self, rollouts, signal).run()
 
     def _sharded_ranks(self) -> bool:
         """Whether this rank's forward passes must keep step with the other ranks' (a sharded model)."""
         return is_sharded(self.student) and self.trainer.world_size > 1
 
-    def _forwards(self, count: int) -> int:
+    def forwards(self, count: int) -> int:
         """How many forward passes to run when this rank needs ``count``: the most any rank needs, when sharded."""
         if not self._sharded_ranks():
             return count
         return int(self.trainer.strategy.reduce(torch.tensor(float(count), device=self.device), reduce_op="max"))
 
-    def _all_reduce(self, value: float) -> float:
+    def all_reduce(self, value: float) -> float:
         if self.trainer.world_size == 1:
             return value
         tensor = torch.tensor(value, dtype=torch.float64, device=self.device)
@@ -378,7 +266,7 @@ class MOPDModule(pl.LightningModule):
     # -- logging --------------------------------------------------------------------------------------------
     def log_step(self, rollouts: Rollouts, signal: TrainingSignal, stats: Dict[str, Any], timer: PhaseTimer) -> None:
         names = [objective.name for _, objective in self.method.objectives]
-        loss_sums = [self._all_reduce(v) for v in stats["loss_sums"]]  # summed over ranks
+        loss_sums = [self.all_reduce(v) for v in stats["loss_sums"]]  # summed over ranks
         metrics = training_metrics(rollouts, signal, names, [w for w, _ in self.method.objectives], stats, loss_sums,
                                    timer, self.skipped_steps, self.peers.include_feedback)
         progress = {"train/reward", "train/loss"}

@@ -1,6 +1,6 @@
 """Per-token objectives: what a method minimises on a micro-batch of the student's own rollouts.
 
-The update loop (``MOPDModule.update_student``) is shared by every method: micro-batching, the global token
+The update loop (``update.py``) is shared by every method: micro-batching, the global token
 normaliser, the non-finite skip, importance weights and the EMA update live there. An objective only says
 
 - ``rows``: which rollouts it reads (``forward``) and whose tokens its mean runs over (``counted``; a GRPO

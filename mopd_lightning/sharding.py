@@ -5,7 +5,7 @@ Each decoder layer is one FSDP unit and the whole model the root unit (embedding
 forward pass goes through the model's own ``forward`` (see ``scoring.final_hidden_states``), so FSDP gathers each
 unit's weights as it goes; the root keeps its weights gathered after its forward, which is where the loss reads the
 output projection, and FSDP reduces its gradient with the others. Every rank must run as many forward passes as
-the others (each gathers weights from all): the module pads its plans with one-token passes (``MOPDModule._forwards``).
+the others (each gathers weights from all): the module pads its plans with one-token passes (``MOPDModule.forwards``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,5 @@
 """A full MOPD step on a tiny random Llama, through a real Lightning Trainer."""
 
-import copy
 
 import lightning.pytorch as pl
 import pytest

@@ -226,7 +226,7 @@ def test_nothing_outlives_its_run(how):
                                 "    os._exit(0)",
         "exec sleep": "os.setsid()\nos.execv('/bin/sleep', ['sleep', '60'])",
     }[how]
-    program = f"import os, time\nif os.fork() == 0:\n" + "".join(f"    {line}\n" for line in detach.splitlines())
+    program = "import os, time\nif os.fork() == 0:\n" + "".join(f"    {line}\n" for line in detach.splitlines())
     program += "    os._exit(0)\nprint('parent done')\n"
     attack(f"outlive the run ({how})", lambda: [float(run_python(program).ok and False)])
 

@@ -1,0 +1,145 @@
+"""The update loop every method shares: ``optim.updates_per_batch`` optimizer steps on one batch of rollouts.
+
+Each objective's loss is a token mean over the whole step, across micro-batches and ranks: every micro-batch adds
+its token sum divided by that objective's global token count, so micro-batch size and device count do not change
+the update. Around that: micro-batches planned by tokens, the log-probabilities before the first update (GRPO's
+ratio, the importance weights of reused rollouts), the skip on a non-finite loss or gradient, and the EMA step.
+What to minimise comes from the objectives (``objectives.py``); the LightningModule lends the models, the
+optimizer, the backward pass and its ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .loss import entropy_and_logprobs
+from .objectives import MicroBatch, TrainingSignal
+from .rollouts import Rollouts
+from .scoring import final_hidden_states, output_weight, padded_fraction, plan_forwards, response_hidden_states
+from .sharding import is_sharded, reshard
+from .teacher import ema_update
+
+log = logging.getLogger(__name__)
+
+
+class StudentUpdate:
+    """The updates of one batch of rollouts (``module``: the MOPDModule); :meth:`run` returns the step's stats."""
+
+    def __init__(self, module, rollouts: Rollouts, signal: TrainingSignal):
+        self.module, self.rollouts, self.signal = module, rollouts, signal
+        self.objectives = module.method.objectives
+        plans = [objective.rows(rollouts, signal) for _, objective in self.objectives]
+        self.plans = [(set(rows), counted) for rows, counted in plans]
+        self.forward = sorted(set().union(*(rows for rows, _ in self.plans)))
+        self.normalisers = [module.all_reduce(float(rollouts.tokens(counted))) for _, counted in self.plans]
+
+    def run(self) -> Dict[str, Any]:
+        module, rollouts = self.module, self.rollouts
+        keep_old = module.method.needs_old_logp or module.optim.updates_per_batch > 1
+        old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
+        if keep_old and rollouts.sample_logp:  # the sampler's own log-probs: importance weights correct its error
+            old_logp.update({r: torch.tensor(rollouts.sample_logp[r], device=module.device) for r in self.forward})
+        gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
+        for update in range(module.optim.updates_per_batch):
+            stats = self._optimizer_step(old_logp, gauge if update == 0 else None)
+        if gauge is not None:
+            tokens = max(rollouts.tokens(self.forward), 1)
+            stats.update(engine_logp_gap=gauge["gap"] / tokens, entropy=gauge["entropy"] / tokens)
+        stats.update(forward_rows=len(self.forward), normalisers=self.normalisers,
+                     padded_fraction=self._padded_fraction())
+        return stats
+
+    def _optimizer_step(self, old_logp: Optional[Dict[int, torch.Tensor]], gauge: Optional[Dict[str, float]]
+                        ) -> Dict[str, Any]:
+        module, rollouts, optim = self.module, self.rollouts, self.module.optim
+        optimizer, schedule = module.optimizers(), module.lr_schedulers()
+        stats: Dict[str, Any] = {"loss_sums": [0.0] * len(self.objectives)}
+        lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in self.forward]
+        plan = plan_forwards(module.student, lengths, optim.max_tokens_per_micro_batch, optim.packed) or [[]]
+        plan += [[]] * (module.forwards(len(plan)) - len(plan))
+        anyone = module.all_reduce(float(len(self.forward))) > 0  # no signal anywhere: a step that changes nothing
+        finite = True
+        for m, rows in enumerate(plan if anyone else []):
+            chosen = [self.forward[i] for i in rows]
+            with optimizer.toggle_model(sync_grad=m == len(plan) - 1):
+                if not chosen:  # this rank has no signal but must join the gradient all-reduce
+                    module.manual_backward(self._zero_loss())
+                    continue
+                batch = self._micro_batch(chosen, old_logp, gauge)
+                loss = batch.hidden.new_zeros(())
+                for i, ((weight, objective), (rows_of, _)) in enumerate(zip(self.objectives, self.plans)):
+                    members = [r for r in chosen if r in rows_of]
+                    if not members:
+                        continue
+                    part = objective.loss_sum(batch.select(members), self.signal)
+                    stats["loss_sums"][i] += float(part.detach())
+                    loss = loss + weight * part * (module.trainer.world_size / self.normalisers[i])  # DDP averages
+                finite &= bool(torch.isfinite(loss))
+                module.manual_backward(loss)
+        max_norm = optim.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.student.parameters(), max_norm)
+        finite = finite and bool(torch.isfinite(grad_norm))
+        if module.all_reduce(0.0 if finite else 1.0) > 0:  # every rank skips together
+            module.skipped_steps += 1
+            # With no gradients the optimizer leaves every weight and its state alone, yet Lightning counts
+            # the step, so max_steps still bounds a run whose losses keep coming out non-finite.
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            log.warning("non-finite loss or gradient: step skipped (%d so far)", module.skipped_steps)
+            return stats
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if module.teacher is not None and module.teacher_config.kind == "ema":
+            reshard(module.teacher, module.student)
+            ema_update(module.teacher, module.student, module.teacher_config.ema_rate)
+        stats["grad_norm"] = float(grad_norm)
+        return stats
+
+    def _micro_batch(self, rows: List[int], old_logp: Optional[Dict[int, torch.Tensor]],
+                     gauge: Optional[Dict[str, float]] = None) -> MicroBatch:
+        """The student's forward pass on ``rows``; records their log-probabilities on the first update.
+
+        With a separate sampling engine, ``gauge`` sums the student's entropy and its log-prob gap to the engine on
+        these tokens (what the ``hf`` sampler's entropy is; the gap is the off-policy error of the rollouts).
+        """
+        module, rollouts = self.module, self.rollouts
+        lengths = [len(rollouts.response_ids[r]) for r in rows]
+        hidden = response_hidden_states(module.student, [rollouts.prompt_ids[r] + rollouts.response_ids[r]
+                                                         for r in rows],
+                                        lengths, module.tokenizer.pad_token_id, module.optim.packed)
+        tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
+        batch = MicroBatch(rows, hidden, output_weight(module.student), tokens, lengths)
+        if gauge is not None:
+            with torch.no_grad():
+                entropy, logp = entropy_and_logprobs(hidden.detach(), batch.weight.detach(), tokens)
+            engine = torch.tensor([x for r in rows for x in rollouts.sample_logp[r]], device=logp.device)
+            gauge["gap"] += float((engine - logp).abs().sum())
+            gauge["entropy"] += float(entropy.sum())
+        if old_logp is not None:
+            if any(r not in old_logp for r in rows):
+                old_logp.update(zip(rows, batch.current_logp().split(lengths)))
+            batch.old_logp = torch.cat([old_logp[r] for r in rows])
+        return batch
+
+    def _padded_fraction(self) -> float:
+        """Padding's share of the tokens this step's teacher, reference and student passes computed."""
+        rollouts, signal, optim = self.rollouts, self.signal, self.module.optim
+        full = {r: len(rollouts.prompt_ids[r]) + len(ids) for r, ids in enumerate(rollouts.response_ids)}
+        passes = [[full[r] for r in self.forward], [full[r] for r in signal.reference_logp]]
+        if signal.contexts is not None:
+            passes.append([len(c.prompt_ids) + len(rollouts.response_ids[r])
+                           for r, c in enumerate(signal.contexts) if c.active])
+        return padded_fraction(passes, optim.max_tokens_per_micro_batch, optim.packed)
+
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss of 0 that gives every parameter a (zero) gradient; sharded, through a real forward pass, since
+        the other ranks' forward passes gather weights from this one."""
+        student = self.module.student
+        if not is_sharded(student):
+            return sum(p.sum() for p in student.parameters()) * 0.0
+        pad = torch.tensor([[self.module.tokenizer.pad_token_id]], device=self.module.device)
+        return (final_hidden_states(student, input_ids=pad).sum() + output_weight(student).sum()) * 0.0
