@@ -231,7 +231,10 @@ class MOPDModule(pl.LightningModule):
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
             signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens, packed,
                                                    self.forwards)
-            signal.teacher_weight = output_weight(self.scoring_teacher).detach()
+            # The head the batch was scored with: with several updates per batch the live one moves (EMA, or the
+            # student itself) and a sharded one is freed by resharding, so those updates get a copy.
+            head = output_weight(self.scoring_teacher).detach()
+            signal.teacher_weight = head.clone() if self.optim.updates_per_batch > 1 else head
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.reference is not None:

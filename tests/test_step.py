@@ -11,6 +11,7 @@ from mopd_lightning.config import OptimConfig, PeerConfig, SamplingConfig, Teach
 from mopd_lightning.data.datamodule import PromptStream
 from mopd_lightning.data.example import Example
 from mopd_lightning.rewards import VERIFIERS, Score
+from mopd_lightning.scoring import output_weight
 
 
 def _parity(response, ground_truth):
@@ -114,6 +115,27 @@ def test_non_finite_loss_skips_the_step(tiny_model, monkeypatch):
     assert module.skipped_steps == 2
     for name, value in module.student.state_dict().items():
         assert torch.equal(value, before[name])
+
+
+@pytest.mark.parametrize("kind", ["self", "ema"])
+def test_reused_rollouts_keep_the_teacher_head_they_were_scored_with(tiny_model, kind):
+    """The second update on a batch pairs the teacher's hidden states with the head that produced them, not with
+    a head the first update moved."""
+    module = make(tiny_model, teacher=TeacherConfig(kind=kind, ema_rate=0.5),
+                  optim=OptimConfig(lr=1e-1, updates_per_batch=2))
+    scored = []
+    training_signal = module.training_signal
+
+    def keep(batch, rollouts):
+        signal = training_signal(batch, rollouts)
+        scored.append((signal, signal.teacher_weight.clone()))
+        return signal
+
+    module.training_signal = keep
+    run(module, steps=1)
+    (signal, head), = scored
+    assert torch.equal(signal.teacher_weight, head)
+    assert not torch.equal(output_weight(module.scoring_teacher).detach(), head)  # the live head did move
 
 
 def test_float16_with_a_gradient_scaler_is_refused_before_any_weights_load(tiny_model):
