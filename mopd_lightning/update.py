@@ -3,7 +3,8 @@
 Each objective's loss is a token mean over the whole step, across micro-batches and ranks: every micro-batch adds
 its token sum divided by that objective's global token count, so micro-batch size and device count do not change
 the update. Around that: micro-batches planned by tokens, the log-probabilities before the first update (GRPO's
-ratio, the importance weights of reused rollouts), the skip on a non-finite loss or gradient, and the EMA step.
+ratio, the importance weights of reused rollouts: exactly 1 on the first update, for every method and blend,
+whatever sampled the rollouts), the skip on a non-finite loss or gradient, and the EMA step.
 What to minimise comes from the objectives (``objectives.py``); the LightningModule lends the models, the
 optimizer, the backward pass and its ranks.
 """
@@ -38,10 +39,10 @@ class StudentUpdate:
 
     def run(self) -> Dict[str, Any]:
         module, rollouts = self.module, self.rollouts
+        # logp_old is the student's own at the first update, whatever sampled the rollouts: the sampler's log-probs
+        # (vLLM's) measure the off-policy gap, they do not weight the loss.
         keep_old = module.method.needs_old_logp or module.optim.updates_per_batch > 1
         old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
-        if keep_old and rollouts.sample_logp:  # the sampler's own log-probs: importance weights correct its error
-            old_logp.update({r: torch.tensor(rollouts.sample_logp[r], device=module.device) for r in self.forward})
         gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
         for update in range(module.optim.updates_per_batch):
             stats = self._optimizer_step(old_logp, gauge if update == 0 else None)

@@ -13,8 +13,9 @@ checkpoint folder and then fed the student's weights before every sampling call 
 
 Every rollout is its own request with its own seed, so a prompt draws the same rollouts whatever batch or rank
 it lands in (the same property the ``hf`` backend has; the two backends draw different tokens for one seed).
-The engine returns the sampled tokens' log-probabilities under the unmodified distribution (temperature 1):
-they become ``logp_old`` of the importance weights, and their gap to the trainer's is the off-policy error.
+The engine returns the sampled tokens' log-probabilities under the unmodified distribution (temperature 1): their
+gap to the trainer's is the off-policy error, logged (``train/engine_logp_gap``). They do not enter the loss:
+``logp_old`` is the trainer's own at the first update (``update.py``).
 """
 
 from __future__ import annotations

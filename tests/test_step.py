@@ -176,7 +176,9 @@ def test_sampling_is_reproducible_and_batch_independent(tiny_model):
     assert module.sample(batch, "train", 4, 1.0).response_ids == together.response_ids
 
 
-def test_reused_rollouts_get_clipped_importance_weights(tiny_model, monkeypatch):
+@pytest.fixture
+def distillation_weights(monkeypatch):
+    """The per-token weights every distillation loss of the test is given, in call order."""
     import mopd_lightning.objectives as objectives
 
     seen = []
@@ -187,11 +189,37 @@ def test_reused_rollouts_get_clipped_importance_weights(tiny_model, monkeypatch)
         return real_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config)
 
     monkeypatch.setattr(objectives, "distillation_loss", recording_loss)
+    return seen
+
+
+def test_reused_rollouts_get_clipped_importance_weights(tiny_model, distillation_weights):
+    seen = distillation_weights
     module = make(tiny_model, optim=OptimConfig(lr=5e-2, updates_per_batch=2, max_tokens_per_micro_batch=100_000))
     trainer = run(module, steps=2)
     assert trainer.global_step == 2 and len(seen) == 2  # one batch, two optimizer steps
     assert torch.equal(seen[0], torch.ones_like(seen[0]))  # on-policy: exactly 1
     assert not torch.equal(seen[1], seen[0]) and seen[1].max() <= module.hparams.loss.is_clip
+
+
+@pytest.mark.parametrize("grpo_weight", [0.0, 0.5])
+def test_one_update_weighs_every_distillation_token_1_whatever_the_blend_and_the_sampler(
+        tiny_model, distillation_weights, monkeypatch, grpo_weight):
+    """A sampler's own log-probs (vLLM's) are not the trainer's: they are logged as the off-policy gap, never
+    turned into importance weights, so the same tokens weigh the same with or without GRPO blended in."""
+    import mopd_lightning.module as module_file
+    from mopd_lightning.config import GRPOConfig
+
+    real_sample = module_file.sample_groups
+
+    def engine_like(*args, **kwargs):
+        rollouts = real_sample(*args, **kwargs)
+        rollouts.sample_logp = [[-1.0] * len(ids) for ids in rollouts.response_ids]  # far from the trainer's
+        return rollouts
+
+    monkeypatch.setattr(module_file, "sample_groups", engine_like)
+    module = make(tiny_model, grpo=GRPOConfig(weight=grpo_weight), peers=PeerConfig(require_success=False))
+    run(module, steps=1)
+    assert distillation_weights and all(torch.equal(w, torch.ones_like(w)) for w in distillation_weights)
 
 
 def test_validation_reports_mean_pass_at_k_and_greedy(tiny_model):
