@@ -268,11 +268,13 @@ class OptimConfig:
         lr: AdamW learning rate (paper: 1e-6 on 4-8B models).
         weight_decay: AdamW weight decay (as the reference: 0.01).
         betas: AdamW betas.
-        warmup_steps: linear warm-up of the learning rate over this many optimizer steps (as the reference: 10).
+        warmup_steps: linear warm-up of the learning rate over this many optimizer updates (as the reference: 10).
         grad_clip: clip the global gradient norm to this; 0 disables clipping.
         max_tokens_per_micro_batch: computed tokens per forward/backward (rows x longest row, or the sum of the
             rows when packed); bounds memory.
-        updates_per_batch: optimizer steps on each batch of rollouts (>1 reuses rollouts, with importance weights).
+        updates_per_batch: optimizer updates on each batch of rollouts (>1 reuses rollouts, with importance
+            weights). A training step is one batch of rollouts whatever this is: ``trainer.max_steps``, checkpoints
+            every n steps and the logged step count batches.
         packed: run teacher and student passes padding-free, micro-batches planned by real tokens: with
             flash-attention the rows of a micro-batch are one sequence with per-row positions (variable-length
             kernel); otherwise one forward per row. ``train/padded_fraction`` reports the padding either way.

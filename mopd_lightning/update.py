@@ -45,7 +45,7 @@ class StudentUpdate:
         old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
         gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
         for update in range(module.optim.updates_per_batch):
-            stats = self._optimizer_step(old_logp, gauge if update == 0 else None)
+            stats = self._optimizer_step(update, old_logp, gauge if update == 0 else None)
         if gauge is not None:
             tokens = max(rollouts.tokens(self.forward), 1)
             stats.update(engine_logp_gap=gauge["gap"] / tokens, entropy=gauge["entropy"] / tokens)
@@ -53,10 +53,14 @@ class StudentUpdate:
                      padded_fraction=self._padded_fraction())
         return stats
 
-    def _optimizer_step(self, old_logp: Optional[Dict[int, torch.Tensor]], gauge: Optional[Dict[str, float]]
-                        ) -> Dict[str, Any]:
+    def _optimizer_step(self, update: int, old_logp: Optional[Dict[int, torch.Tensor]],
+                        gauge: Optional[Dict[str, float]]) -> Dict[str, Any]:
+        """One optimizer update. A training step is a batch of rollouts (``trainer.max_steps``, checkpoints every n
+        steps, the step of logged metrics): the first update goes through Lightning, which counts it; the others
+        step the optimizer itself."""
         module, rollouts, optim = self.module, self.rollouts, self.module.optim
         optimizer, schedule = module.optimizers(), module.lr_schedulers()
+        step = optimizer.step if update == 0 else optimizer.optimizer.step
         stats: Dict[str, Any] = {"loss_sums": [0.0] * len(self.objectives)}
         lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in self.forward]
         plan = plan_forwards(module.student, lengths, optim.max_tokens_per_micro_batch, optim.packed) or [[]]
@@ -88,10 +92,10 @@ class StudentUpdate:
             # With no gradients the optimizer leaves every weight and its state alone, yet Lightning counts
             # the step, so max_steps still bounds a run whose losses keep coming out non-finite.
             optimizer.zero_grad(set_to_none=True)
-            optimizer.step()
+            step()
             log.warning("non-finite loss or gradient: step skipped (%d so far)", module.skipped_steps)
             return stats
-        optimizer.step()
+        step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
         if module.teacher is not None and module.teacher_config.kind == "ema":

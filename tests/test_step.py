@@ -29,7 +29,8 @@ def examples(n=4):
 
 
 def run(module, steps=1, batch_size=2, n=4, callbacks=()):
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+    checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=checkpointing,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=list(callbacks))
     loader = DataLoader(PromptStream(examples(n), batch_size, seed=0, shuffle=False), batch_size=None)
@@ -195,10 +196,21 @@ def distillation_weights(monkeypatch):
 def test_reused_rollouts_get_clipped_importance_weights(tiny_model, distillation_weights):
     seen = distillation_weights
     module = make(tiny_model, optim=OptimConfig(lr=5e-2, updates_per_batch=2, max_tokens_per_micro_batch=100_000))
-    trainer = run(module, steps=2)
-    assert trainer.global_step == 2 and len(seen) == 2  # one batch, two optimizer steps
+    trainer = run(module, steps=1)
+    assert trainer.global_step == 1 and len(seen) == 2  # one batch (a step), two optimizer updates
     assert torch.equal(seen[0], torch.ones_like(seen[0]))  # on-policy: exactly 1
     assert not torch.equal(seen[1], seen[0]) and seen[1].max() <= module.hparams.loss.is_clip
+
+
+def test_a_step_is_a_batch_of_rollouts_whatever_the_updates_on_it(tiny_model, tmp_path):
+    """max_steps and checkpoints every n steps count batches of rollouts, not optimizer updates."""
+    module = make(tiny_model, optim=OptimConfig(updates_per_batch=3))
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1)
+    trainer = run(module, steps=2, n=8, callbacks=[checkpoints])
+    assert trainer.global_step == 2 and module.rollout_batches == 2
+    optimizer = trainer.optimizers[0]
+    assert {int(optimizer.state[p]["step"]) for p in module.student.parameters()} == {6}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt"]
 
 
 @pytest.mark.parametrize("grpo_weight", [0.0, 0.5])

@@ -121,8 +121,8 @@ def test_weight_sync_sends_changed_layers_and_refreshes_the_tied_head(demo_engin
 @needs_vllm
 @pytest.mark.slow
 def test_a_vllm_step_trains_and_logs_the_engine_gap():
-    """The real path: demo model, embedded data, engine rollouts reused twice with the engine's log-probs as
-    logp_old; the student changes, the engine follows it, and the gaps are logged."""
+    """The real path: demo model, embedded data, engine rollouts each used for two updates; the student changes,
+    the engine follows it, and the gaps are logged."""
     data = PromptDataModule(batch_size=2)
     data.setup("fit")
     module = MOPDModule(sampling=SamplingConfig(backend="vllm", group_size=3, max_new_tokens=16),
@@ -133,7 +133,7 @@ def test_a_vllm_step_trains_and_logs_the_engine_gap():
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             steps.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
-    trainer = pl.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,  # 2 batches
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,  # 2 batches
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Keep()])
     trainer.fit(module, train_dataloaders=DataLoader(PromptStream(data.datasets["train"], 2, 0, True),
                                                      batch_size=None))
