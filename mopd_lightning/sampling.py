@@ -80,14 +80,19 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad, eos_token_id=stop)
     processors = [] if temperature == 0 else [SeededSampler([s for group in seeds for s in group], temperature,
                                                             top_p, top_k)]
-    was_training = model.training
+    # transformers fills what ``config`` leaves unset from the checkpoint's own generation config (instruct models
+    # ship a repetition penalty, top-k, ...): rollouts are drawn from softmax(logits / T) after our top-k / top-p,
+    # nothing else, so that config is set aside while generating.
+    was_training, own_config = model.training, model.generation_config
     model.eval()
+    model.generation_config = GenerationConfig()
     try:
         output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                                 generation_config=config, logits_processor=LogitsProcessorList(processors),
                                 synced_gpus=synced)
     finally:
         model.train(was_training)
+        model.generation_config = own_config
     new_tokens = output[:, width:].tolist()
     responses, finished = [], []
     for tokens in new_tokens:

@@ -166,6 +166,33 @@ def test_no_peer_rollouts_are_masked(tiny_model):
     assert set(signal.teacher_hidden) == set(active)
 
 
+def test_rollouts_come_from_the_model_not_from_its_checkpoint_generation_settings(tiny_model):
+    """A checkpoint's generation config (Qwen2.5-Instruct ships a repetition penalty) must not reshape the
+    distribution rollouts are drawn from: greedy is the raw argmax, and the entropy recorded while sampling is
+    that of the raw logits."""
+    from mopd_lightning.models import load_causal_lm, load_tokenizer
+    from mopd_lightning.sampling import sample_groups
+
+    model, tokenizer = load_causal_lm(tiny_model), load_tokenizer(tiny_model)
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Hello there."}], add_generation_prompt=True,
+                                           tokenize=True, return_dict=False)
+    greedy = sample_groups(model, tokenizer, [prompt], 1, [[0]], 10, temperature=0.0).response_ids[0]
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(len(greedy)):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    assert greedy == ids[len(prompt):]
+    sampled = sample_groups(model, tokenizer, [prompt], 2, [[1, 2]], 10, temperature=1.0)
+    for r, response in enumerate(sampled.response_ids):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+        log_p = logits.log_softmax(-1)
+        assert sampled.entropy[r] == pytest.approx(float(-(log_p.exp() * log_p).sum()), rel=1e-4)
+    assert model.generation_config.repetition_penalty == 50.0  # the checkpoint's own settings stay its own
+
+
 def test_sampling_is_reproducible_and_batch_independent(tiny_model):
     module = make(tiny_model)
     module.setup("fit")
