@@ -370,9 +370,10 @@ def engine_sync_check(force_foreach: bool):
         def on_train_start(self, trainer, pl_module):
             for group in trainer.optimizers[0].param_groups if force_foreach else []:
                 group["foreach"] = True
+            self.tracker = WeightTracker()
+            self.tracker.follow(trainer.optimizers[0], pl_module.student)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.tracker = WeightTracker()
             for _ in self.tracker.weights(pl_module.student, self.tracker.changed_layers(pl_module.student)):
                 pass  # as if everything were sent now
             self.before = {name: p.detach().cpu().clone() for name, p in pl_module.student.named_parameters()}

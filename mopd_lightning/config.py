@@ -71,6 +71,8 @@ class VLLMConfig:
         enforce_eager: no CUDA graphs (faster start, slower decoding on a GPU).
         check_sync: after each weight sync, score a fixed probe with the engine and the trainer
             (``train/engine_sync_gap``, mean absolute log-prob difference per token).
+        probe_every: with ``check_sync``, also score the probe every this many syncs that sent nothing, so stale
+            engine weights show whatever decided what to send; 0: only after syncs that sent weights.
         sync_tolerance: warn when that gap exceeds this (float32 engines match to about 1e-5; bfloat16 to about 0.05).
     """
 
@@ -81,6 +83,7 @@ class VLLMConfig:
     sleep: bool = True
     enforce_eager: bool = True
     check_sync: bool = True
+    probe_every: int = 10
     sync_tolerance: float = 0.2
 
     def __post_init__(self):
@@ -91,6 +94,7 @@ class VLLMConfig:
         _require(self.max_model_len is None or self.max_model_len >= 16, "model.vllm.max_model_len",
                  "must be >= 16 or null")
         _require(self.sync_tolerance > 0, "model.vllm.sync_tolerance", "must be positive")
+        _require(self.probe_every >= 0, "model.vllm.probe_every", "must be >= 0")
 
 
 PEER_CONTEXTS = ("peers", "none", "random_peer", "unrelated_prompt", "swapped_labels", "success_only_matched")

@@ -34,7 +34,7 @@ from .sharding import is_sharded, shard_model
 from .teacher import make_teacher
 from .timing import PhaseTimer
 from .update import StudentUpdate
-from .vllm_engine import VLLMEngine
+from .vllm_engine import VLLMEngine, WeightTracker
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,7 @@ class MOPDModule(pl.LightningModule):
         self.sampling, self.verifier, self.peers, self.teacher_config = sampling, verifier, self.method.peers, teacher
         self.vllm_config = vllm
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
+        self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
         self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
         self.student: Optional[torch.nn.Module] = None
         self.teacher: Optional[torch.nn.Module] = None  # None: the live student teaches (or no teacher at all)
@@ -158,6 +159,8 @@ class MOPDModule(pl.LightningModule):
                                       weight_decay=self.optim.weight_decay)
         warmup = self.optim.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        if self.weight_tracker is not None:
+            self.weight_tracker.follow(optimizer, self.student)
         return [optimizer], [schedule]
 
     # -- one step -------------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ class MOPDModule(pl.LightningModule):
         """Create the vLLM engine on first use and hand it the layers of the student that changed since."""
         if self.engine is None:
             self.engine = VLLMEngine(resolve_path(self.student_name), self.tokenizer, self.vllm_config, self.seed,
-                                     stop_token_ids(self.student, self.tokenizer))
+                                     stop_token_ids(self.student, self.tokenizer), self.weight_tracker)
         return self.engine.sync(self.student)
 
     def render(self, messages: List[Dict[str, str]]) -> List[int]:
@@ -324,6 +327,8 @@ class MOPDModule(pl.LightningModule):
         state = checkpoint.get("mopd", {})
         self.rollout_batches = state.get("rollout_batches", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
+        if self.weight_tracker is not None:  # the loaded weights are new to the engine
+            self.weight_tracker.mark_all()
         if "rng" in state:
             torch.set_rng_state(state["rng"]["torch"])
             random.setstate(state["rng"]["python"])

@@ -4,12 +4,13 @@ The engine lives in the training process (vLLM's offline ``LLM``, in-process: we
 tensors, without files or a second copy in another process). It is created on first use from the student's
 checkpoint folder and then fed the student's weights before every sampling call that follows an optimizer step:
 
-- only layers whose parameters changed are sent (a parameter's in-place version counter tells), one layer at a
-  time, so a sharded student is gathered layer by layer, never whole;
+- only layers whose parameters the optimizer stepped are sent (``WeightTracker``), one parameter at a time, so
+  a sharded student is gathered piece by piece, never whole;
 - the LM head is re-processed after every sync when the embeddings are tied: vLLM's CPU path keeps a pre-packed
   copy of it that an in-place reload leaves stale (log-probs were measured off by up to 0.17 without this);
-- after a sync the engine scores a fixed probe sequence and the mean absolute gap to the trainer's log-probs is
-  logged (``train/engine_sync_gap``): it must sit at the engine's numeric precision, or the weights are stale.
+- after a sync that sent weights, and every ``probe_every`` syncs in any case, the engine scores a fixed probe
+  sequence and the mean absolute gap to the trainer's log-probs is logged (``train/engine_sync_gap``): it must
+  sit at the engine's numeric precision, or the weights are stale.
 
 Every rollout is its own request with its own seed, so a prompt draws the same rollouts whatever batch or rank
 it lands in (the same property the ``hf`` backend has; the two backends draw different tokens for one seed).
@@ -23,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -47,22 +48,43 @@ def layer_key(name: str) -> str:
 
 
 class WeightTracker:
-    """Which layers of the student changed since the engine last received them: every in-place update (an
-    optimizer step, loading a checkpoint) bumps a parameter's version counter (a sharded one's too)."""
+    """Which parameters of the student the engine has not received since they last changed.
+
+    The optimizer says what it stepped: after each step, every parameter that had a gradient (a skipped step has
+    none). Nothing else changes the student in place during training but loading a checkpoint, which marks every
+    parameter. Version counters are not used: foreach and fused optimizer steps on sharded (DTensor) parameters,
+    and fused ones on plain CPU tensors, do not bump them.
+    """
 
     def __init__(self):
-        self.synced: Dict[str, int] = {}  # parameter name -> version last sent
+        self.stale: Optional[Set[str]] = None  # names not yet sent since they changed; None: all (nothing sent)
+
+    def follow(self, optimizer: torch.optim.Optimizer, student: torch.nn.Module) -> None:
+        """Mark what each step of ``optimizer`` updates in ``student``."""
+        names = {id(p): name for name, p in student.named_parameters()}
+
+        def stepped(optimizer, args, kwargs) -> None:
+            if self.stale is not None:
+                self.stale.update(names[id(p)] for group in optimizer.param_groups for p in group["params"]
+                                  if p.grad is not None and id(p) in names)
+
+        optimizer.register_step_post_hook(stepped)
+
+    def mark_all(self) -> None:
+        self.stale = None
 
     def changed_layers(self, student: torch.nn.Module) -> List[str]:
-        changed = {layer_key(n) for n, p in student.named_parameters() if self.synced.get(n) != p._version}
-        return sorted(changed)
+        names = (name for name, _ in student.named_parameters()) if self.stale is None else self.stale
+        return sorted({layer_key(name) for name in names})
 
     def weights(self, student: torch.nn.Module, layers: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
         """The named parameters of ``layers``, gathered one at a time, recorded as sent."""
+        if self.stale is None:
+            self.stale = {name for name, _ in student.named_parameters()}
         wanted = set(layers)
         for name, param in student.named_parameters():
             if layer_key(name) in wanted:
-                self.synced[name] = param._version
+                self.stale.discard(name)
                 yield name, full_tensor(param.detach())
 
 
@@ -77,10 +99,12 @@ def _reload_in_worker(worker, weights: Iterator[Tuple[str, torch.Tensor]], tied_
 class VLLMEngine:
     """Samples groups of rollouts with vLLM; :meth:`sync` hands it the student's current weights."""
 
-    def __init__(self, model_path: str, tokenizer, config: VLLMConfig, seed: int, stop_token_ids: Sequence[int]):
+    def __init__(self, model_path: str, tokenizer, config: VLLMConfig, seed: int, stop_token_ids: Sequence[int],
+                 tracker: Optional[WeightTracker] = None):
         self.model_path, self.tokenizer, self.config, self.seed = model_path, tokenizer, config, seed
         self.stop_token_ids = list(stop_token_ids)
-        self.tracker = WeightTracker()
+        self.tracker = tracker or WeightTracker()
+        self.syncs_since_probe = 0
         self._llm = None
         self.sleeping = False
 
@@ -118,19 +142,22 @@ class VLLMEngine:
     # -- weights --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def sync(self, student: torch.nn.Module) -> Dict[str, float]:
-        """Send the layers that changed since the last sync; return what was sent and the probe's gap."""
+        """Send the layers that changed since the last sync; return what was sent and, after a sync that sent
+        weights and every ``probe_every`` syncs in any case, the probe's gap."""
         reshard(student)
         layers = self.tracker.changed_layers(student)
         sent = {"layers": float(len(layers)), "parameters": 0.0}
-        if not layers:
-            return sent
-        self._wake(["weights"])
-        tied = bool(getattr(student.config, "tie_word_embeddings", False))
-        wanted = set(layers)
-        sent["parameters"] = float(sum(1 for name, _ in student.named_parameters() if layer_key(name) in wanted))
-        self.llm.collective_rpc(_reload_in_worker, args=(self.tracker.weights(student, layers), tied))
-        self.llm.reset_prefix_cache()
-        if self.config.check_sync:
+        self.syncs_since_probe += 1
+        if layers:
+            self._wake(["weights"])
+            tied = bool(getattr(student.config, "tie_word_embeddings", False))
+            wanted = set(layers)
+            sent["parameters"] = float(sum(1 for name, _ in student.named_parameters() if layer_key(name) in wanted))
+            self.llm.collective_rpc(_reload_in_worker, args=(self.tracker.weights(student, layers), tied))
+            self.llm.reset_prefix_cache()
+        scheduled = self.config.probe_every and self.syncs_since_probe >= self.config.probe_every
+        if self.config.check_sync and (layers or scheduled):
+            self.syncs_since_probe = 0
             sent["gap"] = self.probe_gap(student)
             if sent["gap"] > self.config.sync_tolerance:
                 log.warning("vLLM engine log-probs differ from the trainer's by %.3g nats per token on the probe "

@@ -27,7 +27,10 @@ def test_parameters_sync_with_their_decoder_layer():
     assert layer_key("model.norm.weight") == "model.norm"
 
 
-def test_only_layers_an_optimizer_step_changed_are_sent(tiny_model):
+@pytest.mark.parametrize("implementation", ["for-loop", "foreach", "fused"])
+def test_only_layers_an_optimizer_step_changed_are_sent(tiny_model, implementation):
+    """Whatever AdamW's implementation: foreach is CUDA's default, and a fused step on the CPU bumps no
+    parameter's version counter (so counters cannot say what changed)."""
     student = load_causal_lm(tiny_model)
     tracker = WeightTracker()
     everything = tracker.changed_layers(student)
@@ -37,13 +40,19 @@ def test_only_layers_an_optimizer_step_changed_are_sent(tiny_model):
     assert tracker.changed_layers(student) == []
 
     student.model.layers[0].requires_grad_(False)
-    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3,
+                                  foreach=implementation == "foreach", fused=implementation == "fused" or None)
+    tracker.follow(optimizer, student)
+    optimizer.step()  # no gradients (a skipped step): nothing changes, nothing to send
+    assert tracker.changed_layers(student) == []
     student(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
     optimizer.step()
     assert tracker.changed_layers(student) == ["model.embed_tokens", "model.layers.1", "model.norm"]
     names = [name for name, _ in tracker.weights(student, ["model.layers.1"])]
     assert names and all(name.startswith("model.layers.1.") for name in names)
     assert tracker.changed_layers(student) == ["model.embed_tokens", "model.norm"]
+    tracker.mark_all()  # a checkpoint was loaded
+    assert tracker.changed_layers(student) == everything
 
 
 def test_vllm_config_errors_name_the_field():
@@ -106,16 +115,23 @@ def test_engine_rollouts_are_seeded_per_rollout_and_batch_independent(demo_engin
 def test_weight_sync_sends_changed_layers_and_refreshes_the_tied_head(demo_engine):
     engine, student, tokenizer = demo_engine
     assert engine.sync(student)["gap"] < 1e-3  # the first sync sends everything
-    with torch.no_grad():  # change the (tied) embeddings and one layer, as an optimizer step would
-        generator = torch.Generator().manual_seed(0)
-        for param in (student.model.embed_tokens.weight, student.model.layers[5].mlp.up_proj.weight):
-            param.add_(torch.randn(param.shape, generator=generator) * param.std())
+    changed = [student.model.embed_tokens.weight, student.model.layers[5].mlp.up_proj.weight]  # the head is tied
+    optimizer = torch.optim.SGD(changed, lr=1.0)
+    engine.tracker.follow(optimizer, student)
+    generator = torch.Generator().manual_seed(0)
+    for param in changed:
+        param.grad = torch.randn(param.shape, generator=generator) * param.detach().std()
+    optimizer.step()
     before = engine.probe_gap(student)
     assert before > 0.05  # the engine still holds the old weights
     sync = engine.sync(student)
     assert sync["layers"] == 2 and sync["parameters"] == 1 + 9  # the embeddings; all nine tensors of layer 5
     assert sync["gap"] < 1e-3, "engine log-probs must match the trainer's after a sync (tied LM head included)"
     assert engine.sync(student) == {"layers": 0.0, "parameters": 0.0}
+    with torch.no_grad():  # a change nobody told the tracker about: the scheduled probe shows it
+        student.model.layers[3].mlp.up_proj.weight.mul_(1.5)
+    probes = [engine.sync(student).get("gap") for _ in range(engine.config.probe_every - 1)]  # one sync above
+    assert probes[:-1] == [None] * (engine.config.probe_every - 2) and probes[-1] > 1e-2
 
 
 @needs_vllm
@@ -159,7 +175,9 @@ def _gather_sharded_layers(rank: int, model_path: str, port: int, out: str) -> N
         tracker = WeightTracker()
         layers = tracker.changed_layers(student)
         gathered = {name: tensor.clone() for name, tensor in tracker.weights(student, layers)}
-        optimizer = torch.optim.AdamW([p for n, p in student.named_parameters() if ".layers.1." in n], lr=1e-2)
+        optimizer = torch.optim.AdamW([p for n, p in student.named_parameters() if ".layers.1." in n], lr=1e-2,
+                                      foreach=True)  # CUDA's default: bumps no version counter of a DTensor
+        tracker.follow(optimizer, student)
         student(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
         optimizer.step()
         if rank == 0:
@@ -169,8 +187,8 @@ def _gather_sharded_layers(rank: int, model_path: str, port: int, out: str) -> N
 
 
 def test_a_sharded_student_is_gathered_layer_by_layer_for_the_engine(tiny_model, tmp_path):
-    """FSDP2 on two CPU processes: each parameter is gathered whole, one at a time, and an optimizer step on the
-    shards marks only its layers as changed."""
+    """FSDP2 on two CPU processes: each parameter is gathered whole, one at a time, and a foreach optimizer step on
+    the shards marks only its layers as changed."""
     import socket
 
     import torch.multiprocessing as mp
