@@ -6,6 +6,8 @@ import importlib.util
 
 import torch
 
+from .scoring import check_logits_are_linear
+
 DEMO = "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,6 +52,7 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ValueError(f"{name_or_path!r}: output projections with a bias are not supported")
+    check_logits_are_linear(model, name_or_path)
     return model
 
 

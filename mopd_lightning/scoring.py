@@ -89,20 +89,49 @@ def response_hidden_states(model, sequences: List[List[int]], response_lengths: 
 
 
 def final_hidden_states(model, **inputs) -> torch.Tensor:
-    """The last layer's hidden states ``(B, T, H)``, without logits.
+    """The last layer's hidden states ``(B, T, H)``, without logits, times the model's logit scale: the model's
+    logits are exactly these times the output projection (``output_weight``).
 
     An unsharded model runs only its base model. A sharded (FSDP) one runs its own forward, with logits for one
     position, so that FSDP gathers every unit's weights, the output projection's included, for the loss to read.
     """
+    scale = logit_scale(model.config)
     if not is_sharded(model):
-        return model.base_model(use_cache=False, **inputs).last_hidden_state
+        hidden = model.base_model(use_cache=False, **inputs).last_hidden_state
+        return hidden if scale == 1.0 else hidden * scale
     captured = []
     hook = model.base_model.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
     try:
         model(use_cache=False, logits_to_keep=1, **inputs)
     finally:
         hook.remove()
-    return captured[0]
+    return captured[0] if scale == 1.0 else captured[0] * scale
+
+
+def logit_scale(config) -> float:
+    """The constant some models multiply ``hidden @ W.T`` by (Granite divides by ``logits_scaling``, Cohere
+    multiplies by ``logit_scale``). Folded into the hidden states, it keeps logits linear in them, so the fused
+    loss, the log-probabilities and the teacher all see the model's own distribution."""
+    return (getattr(config, "logit_scale", None) or 1.0) / (getattr(config, "logits_scaling", None) or 1.0)
+
+
+@torch.no_grad()
+def check_logits_are_linear(model, name: str) -> None:
+    """Refuse a model whose logits are not its scaled last hidden states times its output projection (Gemma-2's
+    final soft-capping, or a transform we do not know): every loss here forms logits from those two."""
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError(f"{name!r} ({config.model_type}) soft-caps its logits (final_logit_softcapping="
+                         f"{config.final_logit_softcapping}); logits are formed from hidden states and the output "
+                         "projection here, so such models are not supported")
+    ids = torch.arange(1, 9, device=next(model.parameters()).device)[None] % config.vocab_size
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    ours = final_hidden_states(model, input_ids=ids).float() @ output_weight(model).float().T
+    error = float((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6))
+    if error > 1e-2:
+        raise ValueError(f"{name!r} ({config.model_type}): its logits differ from its scaled last hidden states times "
+                         f"its output projection by {error:.3g} (relative); the transform between them is not one "
+                         "this library reproduces, so the model is not supported")
 
 
 def varlen_attention(model) -> bool:

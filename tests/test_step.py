@@ -325,3 +325,44 @@ def test_a_packed_step_trains_like_a_padded_one_and_logs_no_padding(tiny_model):
     assert logged[1] == 0.0 <= logged[0]  # (equal-length toy prompts may leave no padding to remove)
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_type,setting", [("granite", {"logits_scaling": 4.0}), ("cohere", {"logit_scale": 0.25})])
+def test_scaled_logits_are_the_models_own(tmp_path, model_type, setting):
+    """Granite divides its logits by a constant, Cohere multiplies them: the log-probabilities every objective and
+    the teacher read are the model's own."""
+    from tiny import build_tiny_model
+
+    from mopd_lightning.loss import token_logprobs
+    from mopd_lightning.models import load_causal_lm
+    from mopd_lightning.scoring import response_hidden_states
+
+    model = load_causal_lm(str(build_tiny_model(tmp_path, model_type=model_type, **setting)))
+    ids = [5, 17, 33, 8, 91, 40, 2]
+    with torch.no_grad():
+        own = model(input_ids=torch.tensor([ids])).logits[0, 2:-1].log_softmax(-1)
+        hidden = response_hidden_states(model, [ids], [4], 0)
+        ours = token_logprobs(hidden, output_weight(model), torch.tensor(ids[3:]))
+    torch.testing.assert_close(ours, own.gather(-1, torch.tensor(ids[3:])[:, None])[:, 0], rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_that_soft_caps_its_logits_is_refused_at_load(tmp_path):
+    from tiny import build_tiny_model
+
+    from mopd_lightning.models import load_causal_lm
+
+    path = build_tiny_model(tmp_path, model_type="gemma2", final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        load_causal_lm(str(path), attn_implementation="eager")
+
+
+def test_a_logit_transform_the_library_does_not_know_is_refused_at_load(tmp_path, monkeypatch):
+    from tiny import build_tiny_model
+
+    import mopd_lightning.scoring as scoring
+    from mopd_lightning.models import load_causal_lm
+
+    path = build_tiny_model(tmp_path, model_type="granite", logits_scaling=4.0)
+    monkeypatch.setattr(scoring, "logit_scale", lambda config: 1.0)  # as if Granite's scaling were unknown
+    with pytest.raises(ValueError, match="granite.*differ from its scaled last hidden states"):
+        load_causal_lm(str(path))

@@ -16,10 +16,12 @@ CORPUS = [
 ]
 
 
-def build_tiny_model(folder: Path, vocab_size: int = 320, seed: int = 0, hidden: int = 32) -> Path:
+def build_tiny_model(folder: Path, vocab_size: int = 320, seed: int = 0, hidden: int = 32, model_type: str = "llama",
+                     **config) -> Path:
+    """A random ``model_type`` (llama unless said) with the tiny tokenizer; ``config`` adds or overrides settings."""
     import torch
     from tokenizers import ByteLevelBPETokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
@@ -30,10 +32,9 @@ def build_tiny_model(folder: Path, vocab_size: int = 320, seed: int = 0, hidden:
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    settings = dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, max_position_embeddings=2048,
+                    tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**settings, **config})).save_pretrained(folder)
     return folder
