@@ -23,7 +23,9 @@ class SamplingConfig:
         backend: ``hf`` (transformers ``generate`` on the student itself) or ``vllm`` (a colocated vLLM engine fed
             the student's weights after every update; settings in ``model.vllm``; an extra, see the README).
         group_size: rollouts per prompt (G); MOPD needs at least 2 (paper: 8).
-        temperature: sampling temperature (paper: 1.0).
+        temperature: sampling temperature (paper: 1.0). Policy log-probabilities (GRPO's ratio and KL, importance
+            weights, SFT's likelihood) are taken at it, as verl and TRL do; the distillation divergence uses
+            ``model.loss.temperature``.
         top_p: nucleus sampling mass; 1.0 disables it.
         top_k: sample only among the k most likely tokens; 0 disables it.
         max_new_tokens: longest response (paper: 4096).

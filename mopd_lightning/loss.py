@@ -50,12 +50,15 @@ def _token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Te
     return (hidden @ weight.T).float().log_softmax(-1).gather(-1, tokens[:, None])[:, 0]
 
 
-def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """log p(token) at each position (temperature 1), differentiable, chunk by chunk.
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, chunk: int = 512,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) at each position under softmax(logits / temperature), differentiable, chunk by chunk.
 
     With a graph, each chunk is recomputed in the backward pass instead of keeping its ``(chunk, V)``
     log-softmax: memory stays at one chunk of logits, whatever the number of tokens.
     """
+    if temperature != 1.0:  # logits are linear in the hidden states: divide the (N, H) side, not the (N, V) one
+        hidden = hidden / temperature
     parts = []
     for rows, ids in zip(hidden.split(chunk), tokens.split(chunk)):
         if torch.is_grad_enabled() and (rows.requires_grad or weight.requires_grad):

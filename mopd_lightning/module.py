@@ -245,7 +245,8 @@ class MOPDModule(pl.LightningModule):
             hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed, self.forwards)
             weight = output_weight(self.reference)
             signal.reference_logp = {
-                r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device))
+                r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device),
+                                  temperature=self.sampling.temperature)
                 for r, h in hidden.items()}
         return signal
 

@@ -38,24 +38,29 @@ class TrainingSignal:
 
 class MicroBatch:
     """The student on some rollouts: final hidden states at the response positions (with gradient), the output
-    projection, the response tokens, and the log-probabilities recorded before the first update (if any)."""
+    projection, the response tokens, and the log-probabilities recorded before the first update (if any).
+
+    Policy log-probabilities (GRPO's ratio and KL, importance weights, SFT's likelihood) are taken at the sampling
+    ``temperature``, the distribution the rollouts were drawn from (before top-k / top-p), as verl and TRL do; the
+    distillation divergence compares student and teacher at ``loss.temperature`` instead.
+    """
 
     def __init__(self, rows: Sequence[int], hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                 lengths: Sequence[int], old_logp: Optional[torch.Tensor] = None):
+                 lengths: Sequence[int], old_logp: Optional[torch.Tensor] = None, temperature: float = 1.0):
         self.rows, self.hidden, self.weight, self.tokens = list(rows), hidden, weight, tokens
-        self.lengths, self.old_logp = list(lengths), old_logp
+        self.lengths, self.old_logp, self.temperature = list(lengths), old_logp, temperature
 
     @cached_property
     def logp(self) -> torch.Tensor:
-        """log p(token) of each response token under the student, differentiable."""
-        return token_logprobs(self.hidden, self.weight, self.tokens)
+        """log p(token) of each response token under the student at the sampling temperature, differentiable."""
+        return token_logprobs(self.hidden, self.weight, self.tokens, temperature=self.temperature)
 
     def current_logp(self) -> torch.Tensor:
         """The same, detached (computed without a graph unless ``logp`` already exists)."""
         if "logp" in self.__dict__:
             return self.logp.detach()
         with torch.no_grad():
-            return token_logprobs(self.hidden, self.weight, self.tokens)
+            return token_logprobs(self.hidden, self.weight, self.tokens, temperature=self.temperature)
 
     def per_token(self, values: Sequence[float]) -> torch.Tensor:
         """One value per row, repeated over that row's tokens."""
@@ -71,7 +76,7 @@ class MicroBatch:
         mask = mask.to(self.hidden.device)
         part = MicroBatch([r for r in self.rows if r in keep], self.hidden[mask], self.weight, self.tokens[mask],
                           [n for r, n in zip(self.rows, self.lengths) if r in keep],
-                          None if self.old_logp is None else self.old_logp[mask])
+                          None if self.old_logp is None else self.old_logp[mask], self.temperature)
         if "logp" in self.__dict__:
             part.logp = self.logp[mask]
         return part

@@ -117,7 +117,8 @@ class StudentUpdate:
                                                          for r in rows],
                                         lengths, module.tokenizer.pad_token_id, module.optim.packed)
         tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
-        batch = MicroBatch(rows, hidden, output_weight(module.student), tokens, lengths)
+        batch = MicroBatch(rows, hidden, output_weight(module.student), tokens, lengths,
+                           temperature=module.sampling.temperature)
         if gauge is not None:
             with torch.no_grad():
                 entropy, logp = entropy_and_logprobs(hidden.detach(), batch.weight.detach(), tokens)

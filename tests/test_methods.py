@@ -151,12 +151,12 @@ class StepRecorder(pl.Callback):
         self.grads.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None})
 
 
-def direct_logprobs(model, rollouts, rows):
+def direct_logprobs(model, rollouts, rows, temperature=1.0):
     """Float64 log-probabilities of each row's response tokens from a plain forward pass (no padding)."""
     out = []
     for r in rows:
         ids = torch.tensor([rollouts.prompt_ids[r] + rollouts.response_ids[r]])
-        logits = model(input_ids=ids).logits[0].double().log_softmax(-1)
+        logits = (model(input_ids=ids).logits[0].double() / temperature).log_softmax(-1)
         n = len(rollouts.response_ids[r])
         positions = torch.arange(ids.shape[1] - n - 1, ids.shape[1] - 1)
         out.append(logits[positions, torch.tensor(rollouts.response_ids[r])])
@@ -176,8 +176,11 @@ def assert_same_gradient(got, expected):
         torch.testing.assert_close(got[name].double(), expected[name].double(), rtol=2e-4, atol=1e-7)
 
 
-def test_grpo_step_gradient_is_the_token_mean_policy_gradient(tiny_model):
-    module = make(tiny_model, "grpo", optim=OptimConfig(lr=1e-2, grad_clip=0.0, max_tokens_per_micro_batch=64))
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_grpo_step_gradient_is_the_token_mean_policy_gradient(tiny_model, temperature):
+    """At the sampling temperature: the policy whose gradient is taken is the one the rollouts came from."""
+    module = make(tiny_model, "grpo", optim=OptimConfig(lr=1e-2, grad_clip=0.0, max_tokens_per_micro_batch=64),
+                  sampling=SamplingConfig(group_size=4, max_new_tokens=12, temperature=temperature))
     initial = copy.deepcopy(module.student)
     recorder = StepRecorder(module)
     run(module, callbacks=[recorder])
@@ -187,7 +190,7 @@ def test_grpo_step_gradient_is_the_token_mean_policy_gradient(tiny_model):
     total = rollouts.tokens(range(len(rollouts)))  # token mean over every rollout, zero advantages included
 
     def loss(model):
-        logp = direct_logprobs(model, rollouts, range(len(rollouts)))
+        logp = direct_logprobs(model, rollouts, range(len(rollouts)), temperature)
         return -sum(a * lp.sum() for a, lp in zip(signal.advantages, logp)) / total
 
     assert_same_gradient(recorder.grads[0], expected_gradient(initial, loss))
