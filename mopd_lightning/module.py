@@ -155,8 +155,9 @@ class MOPDModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
+        # foreach: CUDA's default, taken on every device, so that CPU runs (and tests) update as GPU runs do
         optimizer = torch.optim.AdamW(params, lr=self.optim.lr, betas=tuple(self.optim.betas),
-                                      weight_decay=self.optim.weight_decay)
+                                      weight_decay=self.optim.weight_decay, foreach=True)
         warmup = self.optim.warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         if self.weight_tracker is not None:
@@ -336,7 +337,9 @@ class MOPDModule(pl.LightningModule):
             if state["rng"]["cuda"] is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
 
-    def on_fit_end(self) -> None:
+    def on_train_end(self) -> None:
+        """Export while the student is where it trained: after this, Lightning's teardown moves it to the CPU (on
+        GPUs, a sharded student's gather would then run NCCL collectives on CPU tensors)."""
         if self.export_dir:
             self.export(self.export_dir)
 

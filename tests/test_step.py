@@ -366,3 +366,22 @@ def test_a_logit_transform_the_library_does_not_know_is_refused_at_load(tmp_path
     monkeypatch.setattr(scoring, "logit_scale", lambda config: 1.0)  # as if Granite's scaling were unknown
     with pytest.raises(ValueError, match="granite.*differ from its scaled last hidden states"):
         load_causal_lm(str(path))
+
+
+def test_the_student_is_exported_before_teardown_moves_it(tiny_model, tmp_path, monkeypatch):
+    """On a GPU, Lightning's teardown moves the module to the CPU before ``on_fit_end`` (a sharded student's
+    gather would then fail); forced here by a teardown that moves it off its device altogether."""
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from mopd_lightning.models import load_causal_lm
+
+    teardown = SingleDeviceStrategy.teardown
+
+    def leaving_the_device(strategy):
+        teardown(strategy)
+        strategy.lightning_module.to("meta")
+
+    monkeypatch.setattr(SingleDeviceStrategy, "teardown", leaving_the_device)
+    run(make(tiny_model, export_dir=str(tmp_path / "student")), steps=1)
+    exported, initial = load_causal_lm(str(tmp_path / "student")), load_causal_lm(tiny_model)
+    assert any(not torch.equal(a, b) for a, b in zip(exported.state_dict().values(), initial.state_dict().values()))
