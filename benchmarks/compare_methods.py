@@ -13,7 +13,7 @@ seed and differences are paired within a seed. Training curves come
 from the per-step logs. Each finished run is cached in ``<out>/runs/``; re-running skips it.
 
 Writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/results/compare_sci``).
-``teacher_opd`` needs a separate teacher (``--teacher PATH``); the demo has none. ``--extra`` adds settings to
+``teacher_opd``'s teacher is the initial student unless ``--teacher PATH`` names one. ``--extra`` adds settings to
 every arm; ``--variant name=settings`` adds an arm of its own. Settings are chosen with ``--eval-split
 validation``; the test split only reports.
 """
@@ -38,13 +38,13 @@ from mopd_lightning.module import MOPDModule
 from mopd_lightning.rewards import get_verifier, verify_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = {  # method -> overrides of the config (the config may itself set a blend: pure methods reset it)
-    "mopd": ["--model.grpo.weight", "0"],
+ARMS = {  # arm -> settings over the config: the method, and for the distillation arms whether GRPO is blended in
+    "mopd": ["--model.method", "mopd", "--model.grpo.weight", "0"],
     "opd": ["--model.method", "opd", "--model.grpo.weight", "0"],
-    "grpo": ["--model.method", "grpo", "--model.grpo.weight", "0"],
-    "sft_success": ["--model.method", "sft_success", "--model.grpo.weight", "0"],
-    "blend": ["--model.grpo.weight", "0.5"],
-    "teacher_opd": ["--model.method", "teacher_opd", "--model.teacher.kind", "external", "--model.grpo.weight", "0"],
+    "grpo": ["--model.method", "grpo"],
+    "sft_success": ["--model.method", "sft_success"],
+    "blend": ["--model.method", "mopd", "--model.grpo.weight", "0.5"],
+    "teacher_opd": ["--model.method", "teacher_opd", "--model.grpo.weight", "0"],
 }
 CURVES = ("train/reward", "train/success_rate", "train/entropy", "train/response_len", "train/loss",
           "train/active_fraction")
@@ -93,7 +93,8 @@ def evaluate(module: MOPDModule, examples, k: int, batch_size: int) -> Dict[str,
 
 def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
     extra = args.extra.split() + list(args.arms.get(arm, []))
-    extra += ["--model.teacher.path", args.teacher] if arm == "teacher_opd" else []
+    if arm == "teacher_opd" and args.teacher:
+        extra += ["--model.teacher.kind", "external", "--model.teacher.path", args.teacher]
     steps = 0 if arm == "base" else args.steps
     module, data, trainer = build(args.config, seed, extra + ["--trainer.max_steps", str(max(steps, 1))])
     started = time.perf_counter()
@@ -234,7 +235,8 @@ def main() -> None:
     parser.add_argument("--eval-batch-size", type=int, default=25)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--teacher", default=None, help="teacher checkpoint for teacher_opd")
+    parser.add_argument("--teacher", default=None, help="teacher checkpoint for teacher_opd (default: the frozen "
+                        "initial student)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "compare_sci"))
     parser.add_argument("--note", default="", help="a paragraph for the report (what the config held, the load)")
     args = parser.parse_args()
@@ -247,8 +249,6 @@ def main() -> None:
     unknown = [m for m in args.methods if m != "base" and m not in args.arms]
     if unknown:
         parser.error(f"unknown methods {unknown}; known: base, {', '.join(args.arms)}")
-    if "teacher_opd" in args.methods and not args.teacher:
-        parser.error("teacher_opd needs --teacher PATH (a separate teacher with the student's tokenizer)")
     out = Path(args.out)
     cache = out.parent / "runs" / out.name
     cache.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any, Dict, List, Optional
@@ -20,7 +21,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from .analysis import CONTEXT_VARIANTS, summarize, write_report
+from .config import ConfigError
 from .data import PromptDataModule
+from .data.example import DataError
+from .execution import SandboxUnavailable
 from .module import MOPDModule
 from .preemption import CheckpointOnPreemption
 
@@ -50,7 +54,7 @@ class MOPDTrainer(Trainer):
         variants = list(variants or CONTEXT_VARIANTS)
         unknown = [v for v in variants if v not in CONTEXT_VARIANTS]
         if unknown:
-            raise ValueError(f"analyze.variants: unknown {unknown}; known: {', '.join(CONTEXT_VARIANTS)}")
+            raise ConfigError(f"analyze.variants: unknown {unknown}; known: {', '.join(CONTEXT_VARIANTS)}")
         model.analysis_variants = variants
         started = time.perf_counter()
         batches = self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=True) or []
@@ -118,15 +122,19 @@ def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
-    MOPDCLI(
-        MOPDModule,
-        PromptDataModule,
-        trainer_class=MOPDTrainer,
-        args=args,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},  # re-running in the same folder must not fail
-        trainer_defaults={"logger": default_loggers(), "log_every_n_steps": 1, "num_sanity_val_steps": 0},
-    )
+    try:
+        MOPDCLI(
+            MOPDModule,
+            PromptDataModule,
+            trainer_class=MOPDTrainer,
+            args=args,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},  # re-running in the same folder must not fail
+            trainer_defaults={"logger": default_loggers(), "log_every_n_steps": 1, "num_sanity_val_steps": 0},
+        )
+    except (ConfigError, DataError, SandboxUnavailable) as error:  # the user's to fix: one line, no traceback
+        print(f"mopd: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -10,9 +10,14 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 
+class ConfigError(ValueError):
+    """A setting the run cannot honour. The message starts with the setting (``model.peers.n_success: ...``) and
+    says what fixes it; ``mopd`` prints it as one line and exits with status 2."""
+
+
 def _require(condition: bool, field: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{field}: {message}")
+        raise ConfigError(f"{field}: {message}")
 
 
 @dataclass

@@ -7,7 +7,9 @@
 - ``grpo``: group-relative advantages with the clipped policy-gradient objective, no teacher pass;
 - ``sft_success``: token NLL on the verified successes (rejection-sampling fine-tuning).
 
-All of them sample, verify, log and update the same way, so runs compare line by line.
+All of them sample, verify, log and update the same way, so runs compare line by line. Switching methods is one
+setting: what a config sets for another method (a GRPO blend, an EMA teacher, peers) is adapted or left unused,
+and each such change is logged.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import logging
 from dataclasses import dataclass
 from typing import List, Literal, Tuple
 
-from .config import GRPOConfig, LossConfig, PeerConfig, TeacherConfig
+from .config import ConfigError, GRPOConfig, LossConfig, PeerConfig, TeacherConfig
 from .objectives import ClippedPolicyGradient, Distillation, SuccessLikelihood
 
 log = logging.getLogger(__name__)
@@ -29,11 +31,12 @@ DISTILLATION_METHODS = ("mopd", "opd", "teacher_opd")
 
 @dataclass
 class Method:
-    """The objectives of one method, each with its weight, and the peer settings it runs with."""
+    """The objectives of one method, each with its weight, and the peer and teacher settings it runs with."""
 
     name: str
     objectives: List[Tuple[float, object]]
     peers: PeerConfig
+    teacher: TeacherConfig
 
     @property
     def needs_teacher(self) -> bool:
@@ -52,26 +55,25 @@ def build_method(name: str, peers: PeerConfig, teacher: TeacherConfig, loss: Los
                  grpo: GRPOConfig) -> Method:
     """The objectives and peer preset of ``model.method``, after checking that the settings fit it."""
     if name not in METHODS:
-        raise ValueError(f"model.method is {name!r}; expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"model.method is {name!r}; expected one of {', '.join(METHODS)}")
     if name not in DISTILLATION_METHODS:
         if grpo.weight != 0:
-            raise ValueError(f"model.grpo.weight blends GRPO into a distillation method; with model.method {name} "
-                             "it must stay 0")
+            log.info("model.method %s trains its own objective alone: model.grpo.weight %g (a blend into "
+                     "distillation) is not used", name, grpo.weight)
         objective = ClippedPolicyGradient(grpo) if name == "grpo" else SuccessLikelihood()
-        return Method(name, [(1.0, objective)], peers)
+        return Method(name, [(1.0, objective)], peers, teacher)
     if name == "opd":
-        peers = _preset(peers, "opd", n_success=1, n_failure=0, context="peers")
-    elif name == "teacher_opd":
+        peers = _preset(peers, "opd", "model.peers", n_success=1, n_failure=0, context="peers")
+    elif name == "teacher_opd":  # a separate teacher on the plain prompt: the initial weights unless one is named
         if teacher.kind not in ("frozen", "external"):
-            raise ValueError(f"model.teacher.kind is {teacher.kind!r}; method teacher_opd needs a separate teacher: "
-                             "'frozen' (the initial weights) or 'external' (model.teacher.path)")
-        peers = _preset(peers, "teacher_opd", context="none")
+            teacher = _preset(teacher, "teacher_opd", "model.teacher", kind="frozen")
+        peers = _preset(peers, "teacher_opd", "model.peers", context="none")
     objectives = [(1.0 - grpo.weight, Distillation(loss)), (grpo.weight, ClippedPolicyGradient(grpo))]
-    return Method(name, [(w, o) for w, o in objectives if w > 0], peers)
+    return Method(name, [(w, o) for w, o in objectives if w > 0], peers, teacher)
 
 
-def _preset(peers: PeerConfig, method: str, **values) -> PeerConfig:
-    changed = {k: v for k, v in values.items() if getattr(peers, k) != v}
+def _preset(settings, method: str, prefix: str, **values):
+    changed = {k: v for k, v in values.items() if getattr(settings, k) != v}
     if changed:
-        log.info("model.method %s sets model.peers %s", method, ", ".join(f"{k}={v}" for k, v in changed.items()))
-    return dataclasses.replace(peers, **values)
+        log.info("model.method %s sets %s %s", method, prefix, ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return dataclasses.replace(settings, **values)

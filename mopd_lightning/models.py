@@ -6,6 +6,7 @@ import importlib.util
 
 import torch
 
+from .config import ConfigError
 from .scoring import check_logits_are_linear
 
 DEMO = "demo"
@@ -37,7 +38,7 @@ def load_tokenizer(name_or_path: str):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"the tokenizer of {name_or_path!r} has no chat template; prompts are rendered with it")
+        raise ConfigError(f"the tokenizer of {name_or_path!r} has no chat template; prompts are rendered with it")
     return tokenizer
 
 
@@ -45,13 +46,13 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
-        raise ValueError(f"model.dtype is {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise ConfigError(f"model.dtype is {dtype!r}; expected one of {sorted(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(
         resolve_path(name_or_path), dtype=DTYPES[dtype], attn_implementation=attention_implementation(attn_implementation)
     )
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
-        raise ValueError(f"{name_or_path!r}: output projections with a bias are not supported")
+        raise ConfigError(f"{name_or_path!r}: output projections with a bias are not supported")
     check_logits_are_linear(model, name_or_path)
     return model
 
@@ -59,5 +60,5 @@ def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementatio
 def check_same_vocabulary(student_tokenizer, teacher_tokenizer, teacher_name: str) -> None:
     """An external teacher must share the student's tokenizer: the loss compares distributions token by token."""
     if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise ValueError(f"model.teacher.path: the tokenizer of {teacher_name!r} differs from the student's; "
+        raise ConfigError(f"model.teacher.path: the tokenizer of {teacher_name!r} differs from the student's; "
                          "token-level distillation needs the same vocabulary")

@@ -17,7 +17,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
-from .config import (GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig,
+from .config import (ConfigError, GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig,
                      VLLMConfig)
 from .data.example import Example
 from .loss import token_logprobs
@@ -84,7 +84,7 @@ class MOPDModule(pl.LightningModule):
         if model is not None:
             log.warning("model.model is deprecated; use model.student")
             if student not in ("demo", model):
-                raise ValueError(f"model.model (deprecated) is {model!r} but model.student is {student!r}; "
+                raise ConfigError(f"model.model (deprecated) is {model!r} but model.student is {student!r}; "
                                  "set only model.student")
             student = model
         # export_dir stays out of the checkpoint: LightningCLI re-applies checkpoint hparams on --ckpt_path.
@@ -93,7 +93,8 @@ class MOPDModule(pl.LightningModule):
         self.method = build_method(method, peers, teacher, loss, grpo)
         self.student_name, self.dtype_name, self.attn = student, dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
-        self.sampling, self.verifier, self.peers, self.teacher_config = sampling, verifier, self.method.peers, teacher
+        self.sampling, self.verifier, self.peers, self.teacher_config = sampling, verifier, self.method.peers, \
+            self.method.teacher
         self.vllm_config = vllm
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
@@ -117,7 +118,7 @@ class MOPDModule(pl.LightningModule):
         """Settings the update cannot honour, then tokenizers: an external teacher with another vocabulary fails
         before any weights load."""
         if stage == "fit" and getattr(self._trainer.precision_plugin if self._trainer else None, "scaler", None):
-            raise ValueError("trainer.precision: 16-mixed (float16 with a gradient scaler) is not supported yet: the "
+            raise ConfigError("trainer.precision: 16-mixed (float16 with a gradient scaler) is not supported yet: the "
                              "update clips and skips non-finite steps outside the scaler. Use bf16-mixed (GPUs "
                              "since Ampere) or 32-true.")
         if self.tokenizer is None:
@@ -139,11 +140,11 @@ class MOPDModule(pl.LightningModule):
         if self.teacher is not None and self.teacher_config.kind == "external":
             rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
             if rows[0] != rows[1]:
-                raise ValueError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
+                raise ConfigError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
                                  f"{rows[1]} rows, the student {rows[0]}")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, every model sharded the same way
             if self.device_mesh["tensor_parallel"].size() > 1:
-                raise ValueError("trainer.strategy: tensor parallelism is not supported; set "
+                raise ConfigError("trainer.strategy: tensor parallelism is not supported; set "
                                  "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
             for model in (self.student, self.teacher, self.reference):
                 if model is not None:

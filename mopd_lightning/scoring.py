@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
+from .config import ConfigError
 from .sharding import is_sharded
 
 
@@ -121,7 +122,7 @@ def check_logits_are_linear(model, name: str) -> None:
     final soft-capping, or a transform we do not know): every loss here forms logits from those two."""
     config = model.config
     if getattr(config, "final_logit_softcapping", None):
-        raise ValueError(f"{name!r} ({config.model_type}) soft-caps its logits (final_logit_softcapping="
+        raise ConfigError(f"{name!r} ({config.model_type}) soft-caps its logits (final_logit_softcapping="
                          f"{config.final_logit_softcapping}); logits are formed from hidden states and the output "
                          "projection here, so such models are not supported")
     ids = torch.arange(1, 9, device=next(model.parameters()).device)[None] % config.vocab_size
@@ -129,7 +130,7 @@ def check_logits_are_linear(model, name: str) -> None:
     ours = final_hidden_states(model, input_ids=ids).float() @ output_weight(model).float().T
     error = float((logits - ours).abs().max() / logits.abs().max().clamp_min(1e-6))
     if error > 1e-2:
-        raise ValueError(f"{name!r} ({config.model_type}): its logits differ from its scaled last hidden states times "
+        raise ConfigError(f"{name!r} ({config.model_type}): its logits differ from its scaled last hidden states times "
                          f"its output projection by {error:.3g} (relative); the transform between them is not one "
                          "this library reproduces, so the model is not supported")
 

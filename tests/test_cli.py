@@ -234,3 +234,53 @@ def test_the_paper_scale_fsdp_config_parses(tmp_path):
     """configs/qwen3_8b_fsdp.yaml cannot run here (16 GPUs); its keys and values must still be valid."""
     printed = mopd("fit", "--config", ROOT / "configs" / "qwen3_8b_fsdp.yaml", "--print_config", cwd=tmp_path).stdout
     assert "ModelParallelStrategy" in printed and "backend: vllm" in printed and "num_nodes: 2" in printed
+
+
+DOMAIN_CONFIGS = ["sci.yaml", "math.yaml", "code.yaml", "tool.yaml"]
+METHODS = ["mopd", "opd", "teacher_opd", "grpo", "sft_success"]
+
+
+@pytest.mark.parametrize("config", DOMAIN_CONFIGS)
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+def test_every_method_runs_from_every_config_with_one_flag(tiny_model, tmp_path, config):
+    """``--model.method X`` is the only change a config needs (the rest here only makes the tiny run short)."""
+    from mopd_lightning.cli import main
+
+    for method in METHODS:
+        main(["fit", "--config", str(ROOT / "configs" / config), "--model.method", method,
+              "--model.student", tiny_model, "--model.sampling.group_size", "2", "--model.sampling.max_new_tokens", "4",
+              "--data.batch_size", "1", "--data.num_train", "2", "--trainer.max_steps", "1",
+              "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / method)])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_is_accepted_by_the_paper_scale_config(method):
+    """configs/qwen3_8b_fsdp.yaml cannot run here (16 GPUs): its model settings must still build every method."""
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    from mopd_lightning import MOPDModule
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MOPDModule, "model")
+    settings = yaml.safe_load((ROOT / "configs" / "qwen3_8b_fsdp.yaml").read_text())["model"]
+    module = parser.instantiate_classes(parser.parse_object({"model": {**settings, "method": method}})).model
+    assert module.method.name == method and module.student is None  # nothing loaded
+
+
+def test_a_bad_setting_is_one_line_and_exit_status_2(tiny_model, tmp_path):
+    result = mopd(*tiny_args(tiny_model, 1, "--model.grpo.weight", "2"), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "mopd: error: model.grpo.weight: is 2.0; must lie in [0, 1]"
+
+
+@pytest.mark.parametrize("content,message", [
+    (b'{"question": "Q?", "answer": "A"}\n{"question": oops}\n', "bad.jsonl:2: not valid JSON"),
+    (b'{"question": "caf\xe9 or tea?", "answer": "A"}\n', "bad.jsonl:1: not UTF-8 text (byte 0xe9"),
+])
+def test_bad_data_is_one_line_naming_the_file_and_row(tiny_model, tmp_path, content, message):
+    (tmp_path / "bad.jsonl").write_bytes(content)
+    result = mopd(*tiny_args(tiny_model, 1, "--data.train", tmp_path / "bad.jsonl"), cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1]

@@ -239,14 +239,20 @@ def test_opd_is_one_success_peer_and_teacher_opd_sees_the_plain_prompt(tiny_mode
     assert float(trainer.logged_metrics["train/loss"]) == pytest.approx(0.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("method,kwargs,field", [
-    ("teacher_opd", {}, "model.teacher.kind"),
-    ("grpo", {"grpo": GRPOConfig(weight=0.5)}, "model.grpo.weight"),
-    ("imitation", {}, "model.method"),
-])
-def test_method_settings_that_do_not_fit_name_the_field(tiny_model, method, kwargs, field):
-    with pytest.raises(ValueError, match=field.replace(".", r"\.")):
-        MOPDModule(student=tiny_model, method=method, **kwargs)
+def test_an_unknown_method_names_the_field(tiny_model):
+    with pytest.raises(ValueError, match=r"model\.method"):
+        MOPDModule(student=tiny_model, method="imitation")
+
+
+def test_switching_method_adapts_what_a_config_set_for_another_and_says_so(tiny_model, caplog):
+    """``--model.method X`` is the only change a user needs: an EMA teacher becomes teacher_opd's frozen one, a
+    GRPO blend is not used by grpo or sft_success; each change is logged."""
+    with caplog.at_level("INFO", logger="mopd_lightning.methods"):
+        teacher_opd = MOPDModule(student=tiny_model, method="teacher_opd", teacher=TeacherConfig(kind="ema"))
+        grpo = MOPDModule(student=tiny_model, method="grpo", grpo=GRPOConfig(weight=0.5))
+    assert teacher_opd.teacher_config.kind == "frozen" and teacher_opd.peers.context == "none"
+    assert [(w, o.name) for w, o in grpo.method.objectives] == [(1.0, "grpo")]
+    assert "sets model.teacher kind=frozen" in caplog.text and "model.grpo.weight 0.5" in caplog.text
 
 
 SAME_LOGS = ["train/reward", "train/success_rate", "train/mixed_group_fraction", "train/active_fraction",

@@ -17,6 +17,7 @@ import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
 
 from .domains import get_domain
+from ..config import ConfigError
 from .example import DataError, Example, UnusedRow
 from .sources import check_source, iter_rows
 
@@ -124,14 +125,14 @@ class PromptDataModule(pl.LightningDataModule):
         """
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
-            raise ValueError("data.batch_size and data.val_batch_size must be at least 1")
+            raise ConfigError("data.batch_size and data.val_batch_size must be at least 1")
         self.domain = get_domain(domain)
         for field, source in (("train", train), ("val", val), ("test", test)):
             if source not in (None, "embedded", "holdout"):
                 check_source(f"data.{field}", source)
         for field, source in (("train", train), ("test", test)):
             if source == "holdout":
-                raise ValueError(f"data.{field} cannot be 'holdout'; only data.val can")
+                raise ConfigError(f"data.{field} cannot be 'holdout'; only data.val can")
         self.train_source, self.val_source, self.test_source = train, val, test
         self.splits = {"train": train_split, "validation": val_split, "test": test_split}
         self.limits = {"train": num_train, "validation": num_val, "test": num_test}

@@ -6,6 +6,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from ..config import ConfigError
 from . import code, math, sci, tool
 from .example import Example
 from .verl import accepting_verl
@@ -75,5 +76,5 @@ DOMAINS: Dict[str, Domain] = {
 
 def get_domain(name: str) -> Domain:
     if name not in DOMAINS:
-        raise ValueError(f"data.domain is {name!r}; known domains: {sorted(DOMAINS)}")
+        raise ConfigError(f"data.domain is {name!r}; known domains: {sorted(DOMAINS)}")
     return DOMAINS[name]

@@ -48,13 +48,26 @@ def _file_rows(path: Path) -> Iterator[Row]:
     if path.suffix == ".parquet":
         import datasets
 
-        table = datasets.Dataset.from_parquet(str(path))
+        try:
+            table = datasets.Dataset.from_parquet(str(path))
+        except Exception as error:  # pyarrow raises many types; the user needs the file named
+            raise DataError(f"{path}: not a readable parquet file ({type(error).__name__}: {error})") from error
         for index, row in enumerate(table):
             yield f"{path}#{index}", row
         return
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x} at offset {error.start}); "
+                        "save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
-        for index, row in enumerate(json.loads(text)):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        for index, row in enumerate(rows):
             yield f"{path}#{index}", row
         return
     # Split on "\n" only: str.splitlines also breaks at U+2028 and the like, which JSON strings may hold
