@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -25,6 +27,8 @@ from .config import PeerConfig
 from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
 from .scoring import output_weight, score_rollouts
+
+log = logging.getLogger(__name__)
 
 CONTEXT_VARIANTS: Dict[str, Dict[str, Any]] = {
     "none": dict(context="none"),
@@ -67,8 +71,11 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     One record per rollout: its prompt, reward, success, the student's mean log-prob and entropy on its own
     tokens, and per variant the teacher's (None where the variant gives that rollout no context).
     """
+    started = time.monotonic()
     rollouts = module.sample(batch, "analyze", module.sampling.group_size, module.sampling.temperature)
     module.verify(batch, rollouts)
+    log.info("analysis: %d rollouts of %d prompts sampled and verified (%.0f s)", len(rollouts), len(batch),
+             time.monotonic() - started)
     lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
     pad, budget, packed = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch, module.optim.packed
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
@@ -83,6 +90,8 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
                      if c.active and r in plain}
         per_variant[name] = _mean_logp_and_entropy(score_rollouts(teacher, sequences, lengths, pad, budget, packed),
                                                    output_weight(teacher), rollouts.response_ids)
+        log.info("analysis: context %s scored (%d of %d; %.0f s)", name, len(per_variant), len(variants),
+                 time.monotonic() - started)
     records = []
     for r in plain:
         example = batch[rollouts.group[r]]

@@ -27,6 +27,7 @@ from .data.example import DataError
 from .execution import SandboxUnavailable
 from .module import MOPDModule
 from .preemption import CheckpointOnPreemption
+from .progress import ProgressLog
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,12 @@ class MOPDCLI(LightningCLI):
                 init_args.save_dir = os.path.join(root, save_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Every run saves a checkpoint when a scheduler preempts it (SIGTERM)."""
+        """Every run saves a checkpoint when a scheduler preempts it (SIGTERM), and logs its progress as lines
+        when its output is not a terminal."""
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(CheckpointOnPreemption())
+        if not sys.stderr.isatty():
+            trainer.callbacks.append(ProgressLog())
         return trainer
 
 

@@ -165,6 +165,8 @@ def test_validate_and_test_report_mean_and_pass_at_k(tiny_model, tmp_path):
                       "--trainer.enable_progress_bar", "false", cwd=tmp_path)
         stage = "val" if command == "validate" else "test"
         assert f"{stage}/mean@4" in result.stdout and f"{stage}/pass@4" in result.stdout
+        name = "validation" if command == "validate" else "test"
+        assert f"{name} batch: 1/1," in result.stderr  # progress as log lines: the output is not a terminal
 
 
 def test_model_model_is_deprecated_but_still_works(tiny_model, tmp_path):
@@ -182,6 +184,8 @@ def test_analyze_writes_json_markdown_and_plot(tiny_model, tmp_path):
     assert report["summary"]["prompts"] == 4 and len(report["records"]) == report["summary"]["rollouts"] > 0
     assert (tmp_path / "report" / "analysis.png").stat().st_size > 0
     assert "| none |" in (tmp_path / "report" / "analysis.md").read_text() and "| none |" in result.stdout
+    for line in ("analysis batch: 1/2,", "analysis batch: 2/2,", "analysis: context swapped_labels scored (3 of 3"):
+        assert line in result.stderr  # progress as log lines: the output is not a terminal
 
 
 def test_analyze_rejects_unknown_variants(tiny_model, tmp_path):
