@@ -111,7 +111,8 @@ def install(python: str, result: dict) -> None:
     result["versions"] = json.loads(_run([python, "-c", PROBE], "importing after the install").stdout.splitlines()[-1])
     interpreter = subprocess.run([python, "-c", INTERPRETER_PROBE], capture_output=True, text=True, timeout=120,
                                  env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""})
-    result["triton_interpreter"] = "works" if interpreter.returncode == 0 else f"unusable: {_tail(interpreter.stderr, 1)}"
+    result["triton_interpreter"] = ("works" if interpreter.returncode == 0 else
+                                    f"unusable: {_tail(interpreter.stderr, 1)}")
     result["ok"] = True
 
 
@@ -485,15 +486,15 @@ def markdown(report: dict) -> str:
             lines += [f"- {line}" for line in stage.get("failures", [])]
         if name == "kernels" and "results" in stage:
             interpreter = report["stages"]["install"].get("triton_interpreter")
-            lines += [f"ours: {stage.get('backend_of_ours')}" + (f"; Triton's interpreter (the CPU's Triton and Liger "
-                                                                 f"rows): {interpreter}" if report["dry_run"] else ""), "",
+            note = f"; Triton's interpreter (CPU Triton and Liger rows): {interpreter}" if report["dry_run"] else ""
+            lines += [f"ours: {stage.get('backend_of_ours')}{note}", "",
                       "| op | N | V | H | impl | time ms | peak MiB | time / floor | status |",
                       "|---|---|---|---|---|---|---|---|---|"]
             for r in stage["results"]:
                 cells = [r["op"], r["n"], r["v"], r["h"] or "", r["impl"]]
                 if r.get("status") == "ok":
-                    cells += [f"{r['time_ms']:.2f}", f"{r['peak_mb']:.0f}", f"{r.get('time_vs_floor', float('nan')):.2f}",
-                              "ok"]
+                    floor = r.get("time_vs_floor", float("nan"))
+                    cells += [f"{r['time_ms']:.2f}", f"{r['peak_mb']:.0f}", f"{floor:.2f}", "ok"]
                 else:
                     cells += ["", "", "", r["status"]]
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
@@ -512,9 +513,9 @@ def _step_lines(stage: dict) -> list:
         lines.append(f"- **{part}**: {'ok' if result.get('ok') else 'FAILED'}" +
                      (f" (`{result['error']}`)" if "error" in result else ""))
         if part == "training" and "parameters" in result:
-            peak = result["peak_memory_gb"]
+            peak = "n/a" if result["peak_memory_gb"] is None else f"{result['peak_memory_gb']:.1f} GB"
             lines.append(f"  {result['parameters'] / 1e6:.3g}M parameters; AdamW {result['adamw']}; peak memory "
-                         f"{'n/a' if peak is None else f'{peak:.1f} GB'}; engine sync {json.dumps(result['engine_sync'])}; "
+                         f"{peak}; engine sync {json.dumps(result['engine_sync'])}; "
                          f"fused vs unfused {json.dumps(result['fused_vs_unfused'])}")
         for i, step in enumerate(result.get("steps", [])):
             lines.append(f"  - step {i}: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(step.items())))

@@ -17,8 +17,8 @@ import torch
 from torchmetrics import MeanMetric
 
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
-from .config import (ConfigError, GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig, VerifierConfig,
-                     VLLMConfig)
+from .config import (ConfigError, GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig,
+                     VerifierConfig, VLLMConfig)
 from .data.example import Example
 from .loss import token_logprobs
 from .methods import MethodName, build_method
@@ -29,7 +29,7 @@ from .peers import build_teacher_contexts
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
 from .sampling import sample_groups, stable_seed, stop_token_ids
-from .scoring import (output_weight, score_rollouts)
+from .scoring import output_weight, score_rollouts
 from .sharding import is_sharded, shard_model
 from .teacher import make_teacher
 from .timing import PhaseTimer
@@ -85,7 +85,7 @@ class MOPDModule(pl.LightningModule):
             log.warning("model.model is deprecated; use model.student")
             if student not in ("demo", model):
                 raise ConfigError(f"model.model (deprecated) is {model!r} but model.student is {student!r}; "
-                                 "set only model.student")
+                                  "set only model.student")
             student = model
         # export_dir stays out of the checkpoint: LightningCLI re-applies checkpoint hparams on --ckpt_path.
         self.save_hyperparameters(ignore=["export_dir"])
@@ -93,8 +93,8 @@ class MOPDModule(pl.LightningModule):
         self.method = build_method(method, peers, teacher, loss, grpo)
         self.student_name, self.dtype_name, self.attn = student, dtype, attn_implementation
         self.gradient_checkpointing = gradient_checkpointing
-        self.sampling, self.verifier, self.peers, self.teacher_config = sampling, verifier, self.method.peers, \
-            self.method.teacher
+        self.sampling, self.verifier = sampling, verifier
+        self.peers, self.teacher_config = self.method.peers, self.method.teacher  # as the method adapted them
         self.vllm_config = vllm
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
@@ -119,8 +119,8 @@ class MOPDModule(pl.LightningModule):
         before any weights load."""
         if stage == "fit" and getattr(self._trainer.precision_plugin if self._trainer else None, "scaler", None):
             raise ConfigError("trainer.precision: 16-mixed (float16 with a gradient scaler) is not supported yet: the "
-                             "update clips and skips non-finite steps outside the scaler. Use bf16-mixed (GPUs "
-                             "since Ampere) or 32-true.")
+                              "update clips and skips non-finite steps outside the scaler. Use bf16-mixed (GPUs "
+                              "since Ampere) or 32-true.")
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.student_name)
         if self.method.needs_teacher and self.teacher_config.kind == "external":
@@ -141,11 +141,11 @@ class MOPDModule(pl.LightningModule):
             rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
             if rows[0] != rows[1]:
                 raise ConfigError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
-                                 f"{rows[1]} rows, the student {rows[0]}")
+                                  f"{rows[1]} rows, the student {rows[0]}")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, every model sharded the same way
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ConfigError("trainer.strategy: tensor parallelism is not supported; set "
-                                 "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
+                                  "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
             for model in (self.student, self.teacher, self.reference):
                 if model is not None:
                     shard_model(model, self.device_mesh["data_parallel"])

@@ -327,7 +327,8 @@ def test_a_packed_step_trains_like_a_padded_one_and_logs_no_padding(tiny_model):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("model_type,setting", [("granite", {"logits_scaling": 4.0}), ("cohere", {"logit_scale": 0.25})])
+@pytest.mark.parametrize("model_type,setting", [("granite", {"logits_scaling": 4.0}),
+                                                ("cohere", {"logit_scale": 0.25})])
 def test_scaled_logits_are_the_models_own(tmp_path, model_type, setting):
     """Granite divides its logits by a constant, Cohere multiplies them: the log-probabilities every objective and
     the teacher read are the model's own."""
