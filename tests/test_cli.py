@@ -280,8 +280,9 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    (b'{"question": "Q?", "answer": "A"}\n{"question": oops}\n', "bad.jsonl:2: not valid JSON"),
-    (b'{"question": "caf\xe9 or tea?", "answer": "A"}\n', "bad.jsonl:1: not UTF-8 text (byte 0xe9"),
+    (b'{"type": "true_or_false", "question": "Is ice water?", "answer": "Yes"}\n{"question": oops}\n',
+     "bad.jsonl:2: not valid JSON"),
+    (b'{"type": "true_or_false", "question": "Caf\xe9?", "answer": "Yes"}\n', "bad.jsonl:1: not UTF-8 text (byte 0xe9"),
 ])
 def test_bad_data_is_one_line_naming_the_file_and_row(tiny_model, tmp_path, content, message):
     (tmp_path / "bad.jsonl").write_bytes(content)
