@@ -411,6 +411,7 @@ def fused_against_unfused(module, device: str) -> dict:
     the module to the CPU when ``fit`` ends)."""
     import torch
 
+    from mopd_kernels.fused_linear_jsd import chunk_rows
     from mopd_lightning.config import LossConfig
     from mopd_lightning.loss import distillation_loss
     from mopd_lightning.scoring import output_weight
@@ -418,8 +419,11 @@ def fused_against_unfused(module, device: str) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     weight = output_weight(module.student).detach().to(device, dtype)
     teacher_weight = output_weight(module.teacher).detach().to(device, dtype)
+    # rows for three of the fused op's chunks (within one chunk both paths run the same GEMM and kernel)
+    chunk = chunk_rows(1 << 20, weight.shape[0], dtype, torch_rows=False)
+    rows = min(3 * chunk, 4096)
     generator = torch.Generator(device=device).manual_seed(0)
-    hidden = torch.randn(512, weight.shape[1], generator=generator, device=device).to(dtype)
+    hidden = torch.randn(rows, weight.shape[1], generator=generator, device=device).to(dtype)
     noise = torch.randn(hidden.shape, generator=generator, device=device)
     teacher_hidden = (hidden.float() + 0.1 * noise).to(dtype)
     tokens = torch.ones(hidden.shape[0], device=device)
@@ -437,6 +441,7 @@ def fused_against_unfused(module, device: str) -> dict:
     return {"ok": loss_difference < 1e-2 and grad_difference < 5e-2, "fused_loss": fused_loss,
             "unfused_loss": plain_loss, "relative_loss_difference": loss_difference,
             "relative_grad_difference": grad_difference, "dtype": str(dtype).replace("torch.", ""),
+            "rows": rows, "chunks": -(-rows // chunk),
             "operand_devices": sorted({t.device.type for t in operands})}
 
 

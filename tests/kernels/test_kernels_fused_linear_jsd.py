@@ -46,7 +46,7 @@ def check(inputs, tol=1e-4, upstream=None, backend="torch", chunk_size=None, **k
 def test_matches_reference(backend, alpha, reduction, chunk_size):
     device = device_for(backend)
     weights = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.25], device=device)
-    upstream = torch.randn(N) if reduction == "none" else None
+    upstream = torch.randn(N, device=device) if reduction == "none" else None
     check(make(device=device), backend=backend, alpha=alpha, temperature=1.7, weights=weights,
           reduction=reduction, chunk_size=chunk_size, upstream=upstream)
 
