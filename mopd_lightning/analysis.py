@@ -3,9 +3,12 @@
 For every rollout and every context variant, the teacher's *score* is the mean log-probability of the
 rollout's tokens under ``[teacher prompt ; response]`` minus the student's under ``[prompt ; response]``. MOPD
 can only help when that score separates successes from failures: per prompt holding both, we measure the AUC
-of the score against success, the pairwise accuracy (share of success-failure pairs ranked right) and the
-Spearman correlation with the reward; and, per variant, the teacher-minus-student entropy gap (a context that
-raises the teacher's entropy pushes the student's entropy up). Prompt means with bootstrap 95% intervals.
+of the score against success, the pairwise accuracy (share of pairs with different rewards that the score orders
+as the rewards) and the Spearman correlation with the reward; and, per variant, the teacher-minus-student entropy
+gap (a context that raises the teacher's entropy pushes the student's entropy up). Prompt means with bootstrap
+95% intervals. The reference's other teacher-signal metrics (Kendall as it computes it, point-biserial
+correlation, Brier score, top-1 hit rate) are reported beside them, and the student-to-teacher gap per context,
+which is reported to predict the gain of self-distillation linearly.
 
 Run it before spending GPU hours: ``mopd analyze --config configs/sci.yaml [--ckpt_path ...]``.
 """
@@ -81,15 +84,13 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
     student = _mean_logp_and_entropy(score_rollouts(module.student, plain, lengths, pad, budget, packed),
                                      output_weight(module.student), rollouts.response_ids)
-    teacher = module.scoring_teacher
     per_variant = {}
     for name in variants:
         contexts = build_teacher_contexts(batch, rollouts, module.tokenizer, variant_peers(module.peers, name),
                                           seed_key=f"{module.seed}:analyze")
         sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts)
                      if c.active and r in plain}
-        per_variant[name] = _mean_logp_and_entropy(score_rollouts(teacher, sequences, lengths, pad, budget, packed),
-                                                   output_weight(teacher), rollouts.response_ids)
+        per_variant[name] = _mean_logp_and_entropy(*module.score_teacher(sequences, lengths), rollouts.response_ids)
         log.info("analysis: context %s scored (%d of %d; %.0f s)", name, len(per_variant), len(variants),
                  time.monotonic() - started)
     records = []
@@ -105,15 +106,68 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
 
 
 # -- statistics ---------------------------------------------------------------------------------------------
+# Per prompt with both outcomes, each of the reference's teacher-signal metrics (``analysis/
+# compute_teacher_signal_metrics.py`` in the paper's code), with two deliberate differences: a metric that is
+# undefined on a prompt (a constant side of a correlation) is left out of the mean rather than counted as 0, and
+# ties in score count one half wherever a pair or a top rollout is judged (the reference counts them as wrong).
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     """P(score of a success > score of a failure), ties counting one half (Mann-Whitney)."""
     wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
     return wins / (len(positive) * len(negative))
 
 
-def pairwise_accuracy(positive: Sequence[float], negative: Sequence[float]) -> float:
-    """Share of success-failure pairs where the success scores strictly higher."""
-    return sum(p > n for p in positive for n in negative) / (len(positive) * len(negative))
+def _pairs(scores: Sequence[float], rewards: Sequence[float]):
+    """(score difference, reward difference) of every pair with different rewards."""
+    n = len(scores)
+    return [(scores[i] - scores[j], rewards[i] - rewards[j]) for i in range(n) for j in range(i + 1, n)
+            if rewards[i] != rewards[j]]
+
+
+def pairwise_accuracy(scores: Sequence[float], rewards: Sequence[float]) -> Optional[float]:
+    """Share of the pairs with different rewards that the scores order as the rewards do, a tie in score counting
+    one half; None without such pairs. On 0/1 rewards this is the AUC; graded rewards (code's share of tests
+    passed) also count pairs of two partial answers."""
+    pairs = _pairs(scores, rewards)
+    if not pairs:
+        return None
+    return sum((ds * dr > 0) + 0.5 * (ds == 0) for ds, dr in pairs) / len(pairs)
+
+
+def kendall_gamma(scores: Sequence[float], rewards: Sequence[float]) -> Optional[float]:
+    """(concordant - discordant) / (concordant + discordant) over pairs untied in both score and reward: what the
+    reference reports as Kendall's tau, which is Goodman and Kruskal's gamma; None without untied pairs."""
+    concordant = [(ds > 0) == (dr > 0) for ds, dr in _pairs(scores, rewards) if ds != 0]
+    return (2 * sum(concordant) - len(concordant)) / len(concordant) if concordant else None
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
+    """Pearson's correlation; None when either side is constant."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+
+
+def point_biserial(scores: Sequence[float], success: Sequence[bool]) -> Optional[float]:
+    """Pearson's correlation of the score with success (0/1)."""
+    return pearson(scores, [float(s) for s in success])
+
+
+def brier(scores: Sequence[float], success: Sequence[bool]) -> float:
+    """Mean squared error of the prompt's min-max scaled scores as probabilities of success (0.5 each when all
+    scores are equal): 0 is perfect, 0.25 what a constant 0.5 gets. The reference's variant that reads
+    sigmoid(score) as the probability suits a raw log-prob, not this score (a difference of log-probs)."""
+    low, high = min(scores), max(scores)
+    probabilities = [0.5 if high == low else (v - low) / (high - low) for v in scores]
+    return sum((p - float(s)) ** 2 for p, s in zip(probabilities, success)) / len(scores)
+
+
+def top1_hit(scores: Sequence[float], success: Sequence[bool]) -> float:
+    """Whether the highest-scored rollout succeeds; with tied top scores, the share of them that succeed (the hit
+    rate of breaking the tie at random)."""
+    best = max(scores)
+    top = [s for v, s in zip(scores, success) if v == best]
+    return sum(top) / len(top)
 
 
 def _ranks(values: Sequence[float]) -> List[float]:
@@ -132,11 +186,7 @@ def _ranks(values: Sequence[float]) -> List[float]:
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> Optional[float]:
     """Spearman's rank correlation (average ranks for ties); None when either side is constant."""
-    rx, ry = _ranks(x), _ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
-    return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
+    return pearson(_ranks(x), _ranks(y))
 
 
 def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0) -> Dict[str, Optional[float]]:
@@ -150,10 +200,15 @@ def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0) 
     return {"mean": sum(values) / n, "low": low, "high": high, "n": n}
 
 
-def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], samples: int = 1000,
+SEPARATION = ("auc", "pairwise_accuracy", "spearman", "kendall_gamma", "point_biserial", "brier", "top1_hit")
+"""Metrics of how well the score separates a prompt's successes from its failures (prompts with both)."""
+
+
+def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], samples: int = 2000,
               seed: int = 0) -> Dict[str, Any]:
-    """Per variant: AUC, pairwise accuracy and Spearman over prompts with both outcomes; score and entropy gap
-    over all prompts (each prompt's mean first, so every prompt weighs the same)."""
+    """Per variant: the separation metrics over prompts with both outcomes; the score, the student-to-teacher gap
+    (student minus teacher mean log-prob on the student's own tokens: a per-token estimate of KL(student ||
+    teacher)) and the entropy gap over all prompts (each prompt's mean first, so every prompt weighs the same)."""
     prompts: Dict[str, List[Dict[str, Any]]] = {}
     for record in records:
         prompts.setdefault(record["prompt"], []).append(record)
@@ -162,8 +217,8 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
                "mixed_prompts": sum(len({r["success"] for r in group}) == 2 for group in prompts.values()),
                "variants": {}}
     for name in variants:
-        per_prompt = {"auc": [], "pairwise_accuracy": [], "spearman": [], "score": [], "entropy_gap": [],
-                      "success_score": [], "failure_score": []}
+        per_prompt = {key: [] for key in SEPARATION + ("score", "gap", "entropy_gap", "success_score",
+                                                         "failure_score")}
         scored_rollouts = 0
         for group in prompts.values():
             scored = [(r, r["teacher"][name]["logp"] - r["student_logp"],
@@ -172,6 +227,7 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
                 continue
             scored_rollouts += len(scored)
             per_prompt["score"].append(sum(s for _, s, _ in scored) / len(scored))
+            per_prompt["gap"].append(-per_prompt["score"][-1])
             per_prompt["entropy_gap"].append(sum(e for _, _, e in scored) / len(scored))
             positive = [s for r, s, _ in scored if r["success"]]
             negative = [s for r, s, _ in scored if not r["success"]]
@@ -180,13 +236,18 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
             if negative:
                 per_prompt["failure_score"].append(sum(negative) / len(negative))
             if positive and negative:
-                per_prompt["auc"].append(auc(positive, negative))
-                per_prompt["pairwise_accuracy"].append(pairwise_accuracy(positive, negative))
-                rho = spearman([s for _, s, _ in scored], [r["reward"] for r, _, _ in scored])
-                if rho is not None:
-                    per_prompt["spearman"].append(rho)
+                scores = [s for _, s, _ in scored]
+                rewards, success = [r["reward"] for r, _, _ in scored], [r["success"] for r, _, _ in scored]
+                values = {"auc": auc(positive, negative), "pairwise_accuracy": pairwise_accuracy(scores, rewards),
+                          "spearman": spearman(scores, rewards), "kendall_gamma": kendall_gamma(scores, rewards),
+                          "point_biserial": point_biserial(scores, success), "brier": brier(scores, success),
+                          "top1_hit": top1_hit(scores, success)}
+                for key, value in values.items():
+                    if value is not None:  # undefined on this prompt (a constant side): left out, not counted 0
+                        per_prompt[key].append(value)
         summary["variants"][name] = {"rollouts_scored": scored_rollouts}
-        summary["variants"][name].update({key: bootstrap_mean(values, samples, seed) for key, values in per_prompt.items()})
+        summary["variants"][name].update({key: bootstrap_mean(values, samples, seed)
+                                          for key, values in per_prompt.items()})
     return summary
 
 
@@ -202,15 +263,24 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
     lines = [f"# {title}", "", *([f"Settings: {settings}.", ""] if settings else []),
              f"{summary['prompts']} prompts, {summary['rollouts']} rollouts, success rate "
              f"{summary['success_rate']:.3f}, {summary['mixed_prompts']} prompts with both a success and a failure.",
-             "", "Score = teacher mean log-prob minus student mean log-prob on the rollout's own tokens. AUC, pairwise "
-             "accuracy and Spearman over prompts with both outcomes (0.5 / 0.5 / 0 = no signal); means with "
-             "bootstrap 95% intervals over prompts.", "",
-             "| context | AUC | pairwise acc. | Spearman | score (success) | score (failure) | entropy gap |",
-             "|---|---|---|---|---|---|---|"]
+             "", "Score = teacher mean log-prob minus student mean log-prob on the rollout's own tokens. Means over "
+             "prompts with bootstrap 95% intervals (prompts resampled); n = prompts where the metric is defined.", "",
+             "**Does the context separate successes from failures?** Prompts with both outcomes. No signal: AUC, "
+             "pairwise accuracy and top-1 hit 0.5 (top-1: the prompt's success rate), correlations 0, Brier 0.25 or "
+             "more (lower is better). Ties in score count one half; Kendall is the reference's (Goodman-Kruskal "
+             "gamma).", "",
+             "| context | AUC | pairwise acc. | Spearman | Kendall (gamma) | point-biserial | Brier | top-1 hit |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, stats in summary["variants"].items():
-        lines.append(f"| {name} | {_cell(stats['auc'])} | {_cell(stats['pairwise_accuracy'])} | "
-                     f"{_cell(stats['spearman'])} | {_cell(stats['success_score'])} | {_cell(stats['failure_score'])} "
-                     f"| {_cell(stats['entropy_gap'])} |")
+        lines.append(f"| {name} | " + " | ".join(_cell(stats[key]) for key in SEPARATION) + " |")
+    lines += ["", "**How far is the teacher from the student?** All prompts. Gap = student minus teacher mean "
+              "log-prob on the student's tokens, a per-token estimate of KL(student || teacher) at these weights; "
+              "entropy gap = teacher minus student mean entropy (nats).", "",
+              "| context | score (success) | score (failure) | student-to-teacher gap | entropy gap |",
+              "|---|---|---|---|---|"]
+    for name, stats in summary["variants"].items():
+        lines.append(f"| {name} | " + " | ".join(_cell(stats[key]) for key in ("success_score", "failure_score", "gap",
+                                                                                "entropy_gap")) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -251,3 +321,24 @@ def write_report(summary: Dict[str, Any], records: Sequence[Dict[str, Any]], out
     (folder / "analysis.md").write_text(markdown_report(summary, title, meta))
     plot_report(summary, folder / "analysis.png", title)
     return folder
+
+
+def resummarize(report: str, output_dir: Optional[str] = None, samples: int = 2000) -> Path:
+    """Recompute the summary of a written ``analysis.json`` from its records (the same rollouts and scores), with
+    this version's metrics, and rewrite its report (in ``output_dir``, or beside it)."""
+    saved = json.loads(Path(report).read_text())
+    meta = saved["meta"]
+    summary = summarize(saved["records"], list(saved["summary"]["variants"]), samples, seed=meta.get("seed", 0))
+    return write_report(summary, saved["records"], output_dir or str(Path(report).parent), meta)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=resummarize.__doc__.split(".")[0])
+    parser.add_argument("report", help="an analysis.json written by mopd analyze")
+    parser.add_argument("--output-dir", help="where to write the new report (default: beside the old one)")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
+    arguments = parser.parse_args()
+    print((resummarize(arguments.report, arguments.output_dir, arguments.bootstrap) / "analysis.md").read_text())
+

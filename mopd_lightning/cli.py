@@ -37,7 +37,7 @@ class MOPDTrainer(Trainer):
 
     def analyze(self, model: MOPDModule, datamodule: Optional[PromptDataModule] = None,
                 ckpt_path: Optional[str] = None, output_dir: str = "runs/analysis",
-                variants: Optional[List[str]] = None, bootstrap: int = 1000) -> Dict[str, Any]:
+                variants: Optional[List[str]] = None, bootstrap: int = 2000) -> Dict[str, Any]:
         """Teacher-signal analysis: does a peer context tell the teacher which rollouts are right?
 
         Samples groups for the validation prompts (``data.val``, ``data.num_val``), verifies them, and scores
@@ -68,7 +68,7 @@ class MOPDTrainer(Trainer):
         if self.is_global_zero:
             meta = {"student": model.student_name, "ckpt_path": ckpt_path, "group_size": model.sampling.group_size,
                     "temperature": model.sampling.temperature, "max_new_tokens": model.sampling.max_new_tokens,
-                    "verifier": vars(model.verifier), "teacher": model.teacher_config.kind,
+                    "verifier": vars(model.verifier), "teacher": model.teacher_config.kind, "seed": model.seed,
                     "wall_s": time.perf_counter() - started}
             folder = write_report(summary, records, os.path.join(self.default_root_dir, output_dir), meta)
             print((folder / "analysis.md").read_text())

@@ -7,7 +7,9 @@ into ``mopd fit --help``. Paper values are noted where they differ from the CPU-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import List, Literal, Optional, Union
+
+import torch
 
 
 class ConfigError(ValueError):
@@ -62,6 +64,57 @@ class SamplingConfig:
                  "val_greedy is false and val_samples is 0: validation would measure nothing")
         _require(self.val_temperature > 0, "model.sampling.val_temperature",
                  "must be positive; greedy evaluation is model.sampling.val_greedy")
+
+
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (peft) trained in place of the student's weights. The teacher then shares the student's base:
+    ``ema`` is a second adapter kept as an EMA of the student's, ``frozen`` (and ``trust_region``'s initial side, and
+    GRPO's reference) the base with adapters off, ``self`` the student's adapter; ``external`` stays a model of its
+    own.
+
+    Attributes:
+        enabled: train LoRA adapters instead of every weight.
+        rank: r, the adapters' inner dimension.
+        alpha: scaling numerator: an adapter adds ``alpha / rank * B @ A``.
+        dropout: dropout on the adapters' inputs while training.
+        target_modules: ``all-linear`` (every linear layer but the output head) or a list of module names
+            (``[q_proj, v_proj]``).
+    """
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: Union[str, List[str]] = "all-linear"
+
+    def __post_init__(self):
+        _require(self.rank >= 1, "model.lora.rank", "must be >= 1")
+        _require(self.alpha > 0, "model.lora.alpha", "must be positive")
+        _require(0 <= self.dropout < 1, "model.lora.dropout", "must lie in [0, 1)")
+        _require(bool(self.target_modules), "model.lora.target_modules", "must name modules, or be all-linear")
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO-style dynamic sampling: groups whose rollouts all succeed or all fail give GRPO no gradient and MOPD
+    no contrast, so further prompts are drawn until the step holds enough groups with both outcomes.
+
+    Attributes:
+        enabled: keep only groups with both a success and a failure, drawing extra prompts for the step.
+        min_groups: mixed groups a step aims for on each device; null = the batch's prompts (``data.batch_size``).
+        max_rounds: extra rounds of ``data.batch_size`` prompts at most; a step that ends short trains on the mixed
+            groups it found (on the batch as drawn when it found none), and the logs say so.
+    """
+
+    enabled: bool = False
+    min_groups: Optional[int] = None
+    max_rounds: int = 3
+
+    def __post_init__(self):
+        _require(self.min_groups is None or self.min_groups >= 1, "model.dynamic_sampling.min_groups",
+                 "must be null or >= 1")
+        _require(self.max_rounds >= 0, "model.dynamic_sampling.max_rounds", "must be >= 0")
 
 
 @dataclass
@@ -124,6 +177,14 @@ class PeerConfig:
         require_success: a context without any success peer gives no signal (the rollout is masked and counted);
             off in the paper. Small models that rarely succeed get failure-only contexts, which the analysis
             (``mopd analyze``) shows carry no signal at 135M while still raising the teacher's entropy.
+        dont_reprompt_on_self_success: a successful rollout is never shown its own response as a success peer
+            (leave-one-out, the reference's setting of the same name; its config turns it on). Off, a success may be
+            its own demonstration. Either way a lone success in its group has no other success to be shown:
+            ``train/lone_success_fraction`` counts those, ``train/success_without_signal_fraction`` the successes
+            left without any context (with ``require_success``, or with no failure to show).
+        remove_thinking_from_demonstration: drop ``<think>...</think>`` blocks (and the whitespace after them) from
+            success peers before they enter the context, as the reference does for its demonstrations; failure
+            peers are shown as written. An unclosed ``<think>`` is left as it is.
         max_peer_tokens: token budget per peer; longer peers lose their middle (a marker shows where).
         include_feedback: add each peer's verifier feedback (off by default, and reported in the logs).
         success_template: block for one successful peer; ``{response}`` is the peer's answer.
@@ -139,6 +200,8 @@ class PeerConfig:
     context: Literal["peers", "none", "random_peer", "unrelated_prompt", "swapped_labels",
                      "success_only_matched"] = "peers"
     require_success: bool = False
+    dont_reprompt_on_self_success: bool = True
+    remove_thinking_from_demonstration: bool = False
     max_peer_tokens: int = 256
     include_feedback: bool = False
     success_template: str = "Here is a correct solution from another attempt:\n{response}\n\n"
@@ -195,19 +258,25 @@ class TeacherConfig:
 
     Attributes:
         kind: ``ema`` (a copy of the student updated after every step), ``self`` (the live student weights,
-            no gradient), ``frozen`` (the initial weights), or ``external`` (another checkpoint).
+            no gradient), ``frozen`` (the initial weights), ``trust_region`` (logits ``(1 - m) * initial + m *
+            student``, as the reference's ``teacher_regularization: trust-region``: a softmax of them is the
+            normalised geometric mixture initial^(1 - m) * student^m), or ``external`` (another checkpoint).
         ema_rate: r in ``teacher <- (1 - r) * teacher + r * student`` (paper: 0.05).
+        mix: m of ``trust_region``, the live student's share of the teacher's logits (the reference's
+            ``teacher_update_rate``, 0.05 by default: the teacher stays near the initial model).
         path: hub id or local path of the external teacher; its tokenizer must match the student's.
     """
 
-    kind: Literal["ema", "self", "frozen", "external"] = "ema"
+    kind: Literal["ema", "self", "frozen", "trust_region", "external"] = "ema"
     ema_rate: float = 0.05
+    mix: float = 0.05
     path: Optional[str] = None
 
     def __post_init__(self):
-        _require(self.kind in ("ema", "self", "frozen", "external"), "model.teacher.kind",
-                 f"is {self.kind!r}; expected one of ema, self, frozen, external")
+        _require(self.kind in ("ema", "self", "frozen", "trust_region", "external"), "model.teacher.kind",
+                 f"is {self.kind!r}; expected one of ema, self, frozen, trust_region, external")
         _require(0 < self.ema_rate <= 1, "model.teacher.ema_rate", "must lie in (0, 1]")
+        _require(0 <= self.mix <= 1, "model.teacher.mix", "must lie in [0, 1]")
         _require(self.kind != "external" or bool(self.path), "model.teacher.path",
                  "is required when model.teacher.kind is 'external'")
 
@@ -306,3 +375,9 @@ class OptimConfig:
         _require(self.updates_per_batch >= 1, "model.optim.updates_per_batch", "must be >= 1")
         _require(self.grad_clip >= 0, "model.optim.grad_clip", "must be >= 0")
         _require(self.warmup_steps >= 0, "model.optim.warmup_steps", "must be >= 0")
+
+
+# The module saves its settings in checkpoints; resuming from Python (``trainer.fit(ckpt_path=...)``) loads them
+# with torch's safe unpickler, which accepts only the classes it is told about.
+torch.serialization.add_safe_globals([SamplingConfig, DynamicSamplingConfig, LoRAConfig, VLLMConfig, PeerConfig,
+                                      VerifierConfig, TeacherConfig, LossConfig, GRPOConfig, OptimConfig])

@@ -37,6 +37,16 @@ class PassAtK(Metric):
         return (self.total / self.prompts.clamp(min=1)).float()
 
 
+def success_coverage(rollouts, contexts) -> Dict[str, float]:
+    """Successes that no other success can teach: the only success of their group (share of all rollouts), and
+    successes left without any context, hence without distillation signal (share of the successes)."""
+    successes = [r for r, ok in enumerate(rollouts.success) if ok]
+    lone = [r for r in successes if sum(rollouts.success[j] for j in rollouts.groups[rollouts.group[r]]) == 1]
+    silent = [r for r in successes if not contexts[r].active]
+    return {"train/lone_success_fraction": len(lone) / len(rollouts),
+            "train/success_without_signal_fraction": len(silent) / max(len(successes), 1)}
+
+
 def training_metrics(rollouts, signal, names: List[str], weights: List[float], stats: Dict[str, Any],
                      loss_sums: List[float], timer, skipped_steps: int, feedback_in_context: bool) -> Dict[str, float]:
     """The numbers logged after every training step, the same for every method (so runs compare line by line).
@@ -75,10 +85,11 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
             "train/teacher_prompt_len_max": float(max(prompt_lengths)),
             "train/peer_truncation_fraction": sum(c.truncated_peers for c in contexts) / max(peers_total, 1),
             "train/feedback_in_context": float(feedback_in_context),
+            **success_coverage(rollouts, contexts),
         })
     if signal.advantages is not None:
         metrics["train/advantage_abs_mean"] = sum(map(abs, signal.advantages)) / len(signal.advantages)
-    metrics.update({f"train/{key}": value for key, value in stats.items() if key.startswith("engine_")})
+    metrics.update({f"train/{key}": value for key, value in stats.items() if key.startswith(("engine_", "dynamic_"))})
     if "grad_norm" in stats:
         metrics["train/grad_norm"] = stats["grad_norm"]
     return metrics

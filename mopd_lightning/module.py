@@ -8,18 +8,22 @@ The update loop here is shared by every method.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import lightning.pytorch as pl
 import torch
 from torchmetrics import MeanMetric
 
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
-from .config import (ConfigError, GRPOConfig, LossConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig,
-                     VerifierConfig, VLLMConfig)
+from .config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LoRAConfig, LossConfig, OptimConfig, PeerConfig,
+                     SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
 from .data.example import Example
+from .dynamic_sampling import check_enough_prompts, keep_mixed_groups
+from .lora import TEACHER, add_lora, adapter, ema_update_adapter, save_adapter, save_merged
 from .loss import token_logprobs
 from .methods import MethodName, build_method
 from .metrics import PassAtK, training_metrics
@@ -30,8 +34,8 @@ from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
 from .sampling import sample_groups, stable_seed, stop_token_ids
 from .scoring import output_weight, score_rollouts
-from .sharding import is_sharded, shard_model
-from .teacher import make_teacher
+from .sharding import is_sharded, reshard, shard_model
+from .teacher import ema_update, make_teacher, trust_region
 from .timing import PhaseTimer
 from .update import StudentUpdate
 from .vllm_engine import VLLMEngine, WeightTracker
@@ -47,7 +51,9 @@ class MOPDModule(pl.LightningModule):
         dtype: str = "float32",
         attn_implementation: str = "auto",
         gradient_checkpointing: bool = False,
+        lora: LoRAConfig = LoRAConfig(),
         sampling: SamplingConfig = SamplingConfig(),
+        dynamic_sampling: DynamicSamplingConfig = DynamicSamplingConfig(),
         vllm: VLLMConfig = VLLMConfig(),
         verifier: VerifierConfig = VerifierConfig(),
         peers: PeerConfig = PeerConfig(),
@@ -68,7 +74,9 @@ class MOPDModule(pl.LightningModule):
                 ``trainer.precision: bf16-mixed``.
             attn_implementation: ``auto`` = flash-attention 2 on CUDA when installed, else SDPA.
             gradient_checkpointing: recompute activations in the backward pass to save memory.
+            lora: train LoRA adapters instead of every weight; the teacher is then one more adapter on the same base.
             sampling: how rollouts are drawn, for training and evaluation.
+            dynamic_sampling: keep only groups with both outcomes, drawing extra prompts for the step (DAPO).
             vllm: the vLLM rollout engine, when ``sampling.backend`` is ``vllm``.
             verifier: what counts as a success (answer format, reward threshold).
             peers: which peers each teacher context holds, and its wording.
@@ -92,10 +100,13 @@ class MOPDModule(pl.LightningModule):
         self.automatic_optimization = False
         self.method = build_method(method, peers, teacher, loss, grpo)
         self.student_name, self.dtype_name, self.attn = student, dtype, attn_implementation
-        self.gradient_checkpointing = gradient_checkpointing
-        self.sampling, self.verifier = sampling, verifier
+        self.gradient_checkpointing, self.lora = gradient_checkpointing, lora
+        self.sampling, self.dynamic_sampling, self.verifier = sampling, dynamic_sampling, verifier
         self.peers, self.teacher_config = self.method.peers, self.method.teacher  # as the method adapted them
         self.vllm_config = vllm
+        if lora.enabled and sampling.backend == "vllm":
+            raise ConfigError("model.lora.enabled: the vllm rollout backend does not take LoRA students yet; use "
+                              "model.sampling.backend: hf")
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
         self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
@@ -121,6 +132,14 @@ class MOPDModule(pl.LightningModule):
             raise ConfigError("trainer.precision: 16-mixed (float16 with a gradient scaler) is not supported yet: the "
                               "update clips and skips non-finite steps outside the scaler. Use bf16-mixed (GPUs "
                               "since Ampere) or 32-true.")
+        if stage == "fit" and self.dynamic_sampling.enabled:
+            datamodule = self._trainer.datamodule if self._trainer else None
+            if not hasattr(datamodule, "draw_prompts"):
+                raise ConfigError("model.dynamic_sampling.enabled: extra prompts come from the PromptDataModule's "
+                                  "training set; this run has no such datamodule")
+            datamodule.setup("fit")
+            check_enough_prompts(self.dynamic_sampling, len(datamodule.datasets["train"]), datamodule.batch_size,
+                                 self._trainer.world_size)
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.student_name)
         if self.method.needs_teacher and self.teacher_config.kind == "external":
@@ -130,12 +149,16 @@ class MOPDModule(pl.LightningModule):
         if self.student is not None:
             return
         self.student = load_causal_lm(self.student_name, self.dtype_name, self.attn).train()
+        kind = self.teacher_config.kind if self.method.needs_teacher else None
+        if self.lora.enabled:
+            add_lora(self.student, self.lora, teacher_adapter=kind == "ema",
+                     seed=stable_seed(self.seed, "lora") % 2**32)
         if self.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
-        if self.method.needs_teacher:
+        if kind is not None and (kind == "external" or not self.lora.enabled):  # with LoRA: adapters of the student
             self.teacher = make_teacher(self.student, self.teacher_config,
                                         lambda path: load_causal_lm(path, self.dtype_name, self.attn))
-        if self.method.needs_advantages and self.grpo.kl_coef > 0:
+        if self.method.needs_advantages and self.grpo.kl_coef > 0 and not self.lora.enabled:
             self.reference = make_teacher(self.student, TeacherConfig(kind="frozen"), None)
         if self.teacher is not None and self.teacher_config.kind == "external":
             rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
@@ -143,6 +166,12 @@ class MOPDModule(pl.LightningModule):
                 raise ConfigError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
                                   f"{rows[1]} rows, the student {rows[0]}")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, every model sharded the same way
+            if self.lora.enabled:
+                raise ConfigError("model.lora.enabled: LoRA is not supported with FSDP yet; use DDP (trainer.strategy: "
+                                  "ddp), which LoRA's small optimizer state makes affordable")
+            if self.method.needs_teacher and self.teacher_config.kind == "trust_region":
+                raise ConfigError("model.teacher.kind: trust_region is not supported with FSDP yet (it joins the "
+                                  "initial model's and the student's output heads); use ema or frozen")
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ConfigError("trainer.strategy: tensor parallelism is not supported; set "
                                   "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
@@ -150,9 +179,42 @@ class MOPDModule(pl.LightningModule):
                 if model is not None:
                     shard_model(model, self.device_mesh["data_parallel"])
 
-    @property
-    def scoring_teacher(self) -> torch.nn.Module:
-        return self.student if self.teacher is None else self.teacher
+    def as_teacher(self):
+        """A context in which the teacher model runs: a model of its own, the student, or (LoRA) the student's base
+        switched to the teacher's adapter, or with adapters off for a frozen teacher."""
+        if not self.lora.enabled or self.teacher_config.kind in ("self", "external"):
+            return contextlib.nullcontext(self.student if self.teacher is None else self.teacher)
+        return adapter(self.student, TEACHER if self.teacher_config.kind == "ema" else None)
+
+    def as_initial(self):
+        """A context in which the initial student runs (trust region, GRPO's reference)."""
+        if self.lora.enabled:
+            return adapter(self.student, None)
+        return contextlib.nullcontext(self.teacher if self.teacher_config.kind == "trust_region" else self.reference)
+
+    def update_teacher(self) -> None:
+        """After an optimizer step: the EMA teacher follows the student (the adapter only, with LoRA)."""
+        if self.teacher_config.kind != "ema" or not self.method.needs_teacher:
+            return
+        if self.lora.enabled:
+            ema_update_adapter(self.student, self.teacher_config.ema_rate)
+        else:
+            reshard(self.teacher, self.student)
+            ema_update(self.teacher, self.student, self.teacher_config.ema_rate)
+
+    def score_teacher(self, sequences: Dict[int, List[int]], lengths: Dict[int, int]
+                      ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor]:
+        """The teacher's final hidden states on the response positions of ``sequences``, and the head that turns
+        them into its logits."""
+        options = (lengths, self.tokenizer.pad_token_id, self.optim.max_tokens_per_micro_batch, self.optim.packed,
+                   self.forwards)
+        if self.teacher_config.kind == "trust_region":
+            with self.as_initial() as initial:
+                initial_hidden, initial_head = score_rollouts(initial, sequences, *options), output_weight(initial)
+            return trust_region(initial_hidden, score_rollouts(self.student, sequences, *options), initial_head,
+                                output_weight(self.student), self.teacher_config.mix)
+        with self.as_teacher() as teacher:
+            return score_rollouts(teacher, sequences, *options), output_weight(teacher).detach()
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -176,18 +238,26 @@ class MOPDModule(pl.LightningModule):
             rollouts = self.sample(batch, "train", self.sampling.group_size, self.sampling.temperature)
         with timer.phase("verify"):
             self.verify(batch, rollouts)
+        drawn: Dict[str, float] = {}
+        if self.dynamic_sampling.enabled:
+            batch, rollouts, drawn = keep_mixed_groups(self, batch, rollouts, self.dynamic_sampling, timer)
         with timer.phase("teacher"):
             signal = self.training_signal(batch, rollouts)
         with timer.phase("student"):
             stats = self.update_student(rollouts, signal)
         stats.update({f"engine_sync_{key}": value for key, value in synced.items()})
+        stats.update(drawn)
         self.rollout_batches += 1
         self.log_step(rollouts, signal, stats, timer)
 
-    def sample(self, batch: List[Example], stage: str, group_size: int, temperature: float) -> Rollouts:
-        """``group_size`` rollouts per prompt; training seeds change every step, evaluation seeds do not."""
+    def sample(self, batch: List[Example], stage: str, group_size: int, temperature: float,
+               round: int = 0) -> Rollouts:
+        """``group_size`` rollouts per prompt; training seeds change every step (and every extra round of dynamic
+        sampling, so that a prompt drawn on two ranks in one step is not sampled twice alike), evaluation seeds
+        do not."""
         step = self.rollout_batches if stage == "train" else "eval"
-        seeds = [[stable_seed(self.seed, stage, step, e.id, k) for k in range(group_size)] for e in batch]
+        keys = (stage, step) + ((round,) if round else ())
+        seeds = [[stable_seed(self.seed, *keys, e.id, k) for k in range(group_size)] for e in batch]
         prompts = [self.render(e.messages) for e in batch]
         options = (self.sampling.max_new_tokens, temperature, self.sampling.top_p, self.sampling.top_k)
         if self.sampling.backend == "vllm":
@@ -234,18 +304,18 @@ class MOPDModule(pl.LightningModule):
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
-            signal.teacher_hidden = score_rollouts(self.scoring_teacher, sequences, lengths, pad, max_tokens, packed,
-                                                   self.forwards)
+            signal.teacher_hidden, head = self.score_teacher(sequences, lengths)
             # The head the batch was scored with: with several updates per batch the live one moves (EMA, or the
             # student itself) and a sharded one is freed by resharding, so those updates get a copy.
-            head = output_weight(self.scoring_teacher).detach()
-            signal.teacher_weight = head.clone() if self.optim.updates_per_batch > 1 else head
+            live = self.teacher_config.kind != "trust_region"  # whose head is already a new tensor
+            signal.teacher_weight = head.clone() if live and self.optim.updates_per_batch > 1 else head
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
-        if self.reference is not None:
+        if self.method.needs_advantages and self.grpo.kl_coef > 0:
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
-            hidden = score_rollouts(self.reference, sequences, lengths, pad, max_tokens, packed, self.forwards)
-            weight = output_weight(self.reference)
+            with self.as_initial() as reference:
+                hidden = score_rollouts(reference, sequences, lengths, pad, max_tokens, packed, self.forwards)
+                weight = output_weight(reference)
             signal.reference_logp = {
                 r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device),
                                   temperature=self.sampling.temperature)
@@ -345,7 +415,8 @@ class MOPDModule(pl.LightningModule):
             self.export(self.export_dir)
 
     def export(self, path: str) -> None:
-        """Save the student and its tokenizer as a transformers checkpoint (gathered from every rank if sharded)."""
+        """Save the student and its tokenizer as a transformers checkpoint (gathered from every rank if sharded; with
+        LoRA, the adapter merged in, and the adapter alone under ``adapter/``)."""
         state = None
         if is_sharded(self.student):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -355,6 +426,10 @@ class MOPDModule(pl.LightningModule):
                 head = self.student.get_output_embeddings()
                 state.pop(next(f"{name}.weight" for name, m in self.student.named_modules() if m is head))
         if self._trainer is None or self.trainer.is_global_zero:
-            self.student.save_pretrained(path, state_dict=state)
+            if self.lora.enabled:
+                save_merged(self.student, path)
+                save_adapter(self.student, os.path.join(path, "adapter"))
+            else:
+                self.student.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
             log.info("exported the student to %s", path)

@@ -38,22 +38,25 @@ def choose_peers(groups: Sequence[Sequence[int]], success: Sequence[bool], confi
         elsewhere = [r for h, other in enumerate(groups) if h != g for r in other if success[r]]
         for k, i in enumerate(members):
             rng = random.Random(f"{seed_keys[g]}:{k}")
-            chosen = _pick(config, [j for j in members if j != i], success, elsewhere, rng)
+            others = [j for j in members if j != i]
+            own = [i] if success[i] and not config.dont_reprompt_on_self_success else []
+            chosen = _pick(config, others, success, elsewhere, rng, own)
             if not config.require_success or any(p.shown_success for p in chosen):
                 peers[i] = chosen
     return peers
 
 
 def _pick(config: PeerConfig, others: List[int], success: Sequence[bool], elsewhere: List[int],
-          rng: random.Random) -> List[Peer]:
-    """One rollout's peers among ``others`` (its group, itself left out) under ``config.context``."""
+          rng: random.Random, own: List[int]) -> List[Peer]:
+    """One rollout's peers among ``others`` (its group, itself left out) under ``config.context``; ``own`` holds the
+    rollout itself when it may be its own success peer (``dont_reprompt_on_self_success`` off)."""
     if config.context == "none":
         return []
     size = config.n_success + config.n_failure
     if config.context == "random_peer":
         return [Peer(j, success[j]) for j in rng.sample(others, min(size, len(others)))]
     flipped = config.context == "swapped_labels"
-    successes = [j for j in others if success[j] != flipped]
+    successes = [j for j in others if success[j] != flipped] + own
     failures = [j for j in others if success[j] == flipped]
     if config.context == "success_only_matched":
         return [Peer(j, True) for j in rng.sample(successes, min(size, len(successes)))]
@@ -118,7 +121,7 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
     if config.context == "none":
         return [TeacherContext(list(ids), [], 0, True) for ids in rollouts.prompt_ids]
     choices = choose_peers(rollouts.groups, rollouts.success, config, [f"{seed_key}:{e.id}" for e in batch])
-    truncated: Dict[int, tuple[str, bool]] = {}
+    truncated: Dict[tuple[int, bool], tuple[str, bool]] = {}  # by (peer, thinking removed): its text, and if cut
     contexts = []
     for r, peers in enumerate(choices):
         if not peers:
@@ -126,15 +129,28 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
             continue
         peers = sorted(peers, key=lambda p: not p.shown_success)  # success blocks first, then failures
         for p in peers:
-            if p.rollout not in truncated:
-                truncated[p.rollout] = truncate_middle(_strip_stop(rollouts.response_ids[p.rollout], tokenizer),
-                                                       config.max_peer_tokens, tokenizer, config.truncation_marker)
-        messages = teacher_messages(batch[rollouts.group[r]], [truncated[p.rollout][0] for p in peers],
+            key = (p.rollout, p.shown_success and config.remove_thinking_from_demonstration)
+            if key not in truncated:
+                ids = _strip_stop(rollouts.response_ids[p.rollout], tokenizer)
+                if key[1]:
+                    ids = tokenizer.encode(remove_thinking(tokenizer.decode(ids, skip_special_tokens=True)),
+                                           add_special_tokens=False)
+                truncated[key] = truncate_middle(ids, config.max_peer_tokens, tokenizer, config.truncation_marker)
+        shown = [truncated[(p.rollout, p.shown_success and config.remove_thinking_from_demonstration)] for p in peers]
+        messages = teacher_messages(batch[rollouts.group[r]], [text for text, _ in shown],
                                     [p.shown_success for p in peers], [rollouts.feedback[p.rollout] for p in peers],
                                     config)
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        contexts.append(TeacherContext(list(ids), peers, sum(truncated[p.rollout][1] for p in peers), True))
+        contexts.append(TeacherContext(list(ids), peers, sum(cut for _, cut in shown), True))
     return contexts
+
+
+THINKING = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
+
+
+def remove_thinking(text: str) -> str:
+    """``text`` without its ``<think>...</think>`` blocks (an unclosed one stays: there is no telling where it ends)."""
+    return THINKING.sub("", text)
 
 
 def _strip_stop(ids: List[int], tokenizer) -> List[int]:

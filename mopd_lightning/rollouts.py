@@ -51,8 +51,25 @@ class Rollouts:
     def mixed_group_fraction(self) -> float:
         """Share of groups holding both a success and a failure (the groups with a contrast to learn from)."""
         groups = self.groups
-        mixed = [len({self.success[r] for r in members}) == 2 for members in groups]
-        return sum(mixed) / max(len(groups), 1)
+        return sum(map(self.is_mixed, groups)) / max(len(groups), 1)
+
+    def is_mixed(self, members: Sequence[int]) -> bool:
+        return len({self.success[r] for r in members}) == 2
+
+    @classmethod
+    def from_groups(cls, parts: Sequence[tuple["Rollouts", int]]) -> "Rollouts":
+        """The rollouts of the given ``(rollouts, group)`` pairs, in that order, as one batch (groups renumbered)."""
+        fields = ("prompt_ids", "response_ids", "response_text", "finished", "entropy", "sample_logp", "reward",
+                  "success", "feedback")
+        out = cls([], [], [], [], [])
+        for new_group, (rollouts, group) in enumerate(parts):
+            members = rollouts.groups[group]
+            out.group += [new_group] * len(members)
+            for name in fields:
+                values = getattr(rollouts, name)
+                if values:  # optional fields stay empty when the sampler did not fill them
+                    getattr(out, name).extend(values[r] for r in members)
+        return out
 
     def tokens(self, rows: Sequence[int]) -> int:
         return sum(len(self.response_ids[r]) for r in rows)

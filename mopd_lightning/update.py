@@ -20,8 +20,7 @@ from .loss import entropy_and_logprobs
 from .objectives import MicroBatch, TrainingSignal
 from .rollouts import Rollouts
 from .scoring import final_hidden_states, output_weight, padded_fraction, plan_forwards, response_hidden_states
-from .sharding import is_sharded, reshard
-from .teacher import ema_update
+from .sharding import is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +97,7 @@ class StudentUpdate:
         step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-        if module.teacher is not None and module.teacher_config.kind == "ema":
-            reshard(module.teacher, module.student)
-            ema_update(module.teacher, module.student, module.teacher_config.ema_rate)
+        module.update_teacher()
         stats["grad_norm"] = float(grad_norm)
         return stats
 

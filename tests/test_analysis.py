@@ -1,21 +1,60 @@
 """The teacher-signal analysis: its statistics against direct computations, and its records on a tiny model."""
 
+import itertools
+import json
 import random
 
 import pytest
 import torch
 from test_step import examples, make
 
-from mopd_lightning.analysis import (CONTEXT_VARIANTS, auc, bootstrap_mean, pairwise_accuracy, spearman, summarize,
-                                     teacher_signal_records, variant_peers)
+from mopd_lightning.analysis import (CONTEXT_VARIANTS, auc, bootstrap_mean, brier, kendall_gamma, pairwise_accuracy,
+                                     point_biserial, spearman, summarize, teacher_signal_records, top1_hit,
+                                     variant_peers)
 from mopd_lightning.config import PeerConfig
 
 
 def test_auc_and_pairwise_accuracy_by_hand():
-    # pairs: 3>1, 3>2, 2>1 win; 2=2 is a tie (half for AUC, nothing for pairwise accuracy)
+    # pairs: 3>1, 3>2, 2>1 win; 2=2 is a tie: one half for both
     assert auc([3, 2], [1, 2]) == 3.5 / 4
-    assert pairwise_accuracy([3, 2], [1, 2]) == 3 / 4
+    assert pairwise_accuracy([3, 2, 1, 2], [1, 1, 0, 0]) == 3.5 / 4
     assert auc([0.0], [1.0]) == 0.0 and auc([1.0], [1.0]) == 0.5
+    # every score tied (the plain context at step 0): no signal, 0.5 like the AUC, not 0
+    assert pairwise_accuracy([-1.0] * 4, [1, 0, 0, 1]) == 0.5
+    # graded rewards: pairs of two partial answers count too; equal rewards are not a pair
+    assert pairwise_accuracy([0.3, 0.2, 0.1], [1.0, 0.5, 0.5]) == 1.0
+    assert pairwise_accuracy([0.1, 0.2, 0.3], [0.0, 0.5, 1.0]) == 1.0 and pairwise_accuracy([1, 2], [1, 1]) is None
+
+
+def _sign(v):
+    return (v > 0) - (v < 0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_reference_metrics_against_direct_formulas(seed):
+    rng = random.Random(seed)
+    scores = [round(rng.gauss(0, 1), 1) for _ in range(8)] + [0.5, 0.5]  # some ties
+    rewards = [rng.choice([0.0, 0.5, 1.0]) for _ in range(8)] + [1.0, 0.0]
+    success = [r >= 0.5 for r in rewards]
+    pairs = list(itertools.combinations(range(10), 2))
+    untied = [(i, j) for i, j in pairs if scores[i] != scores[j] and rewards[i] != rewards[j]]
+    c = sum(_sign(scores[i] - scores[j]) == _sign(rewards[i] - rewards[j]) for i, j in untied)
+    assert kendall_gamma(scores, rewards) == pytest.approx((c - (len(untied) - c)) / len(untied))
+    y = torch.tensor(success, dtype=torch.float64)
+    x = torch.tensor(scores, dtype=torch.float64)
+    assert point_biserial(scores, success) == pytest.approx(float(torch.corrcoef(torch.stack([x, y]))[0, 1]))
+    p = (x - x.min()) / (x.max() - x.min())
+    assert brier(scores, success) == pytest.approx(float(((p - y) ** 2).mean()))
+    best = [s for v, s in zip(scores, success) if v == max(scores)]
+    assert top1_hit(scores, success) == sum(best) / len(best)
+
+
+def test_the_reference_metrics_on_ties_and_constants():
+    assert kendall_gamma([1.0, 1.0, 1.0], [1, 0, 0]) is None  # every pair tied in score
+    assert point_biserial([0.2, 0.2], [True, False]) is None
+    assert brier([0.2, 0.2, 0.2, 0.2], [True, False, False, False]) == pytest.approx((0.25 + 3 * 0.25) / 4)
+    assert top1_hit([0.3, 0.3, 0.1], [True, False, True]) == 0.5  # a tie at the top: half a hit
+    assert top1_hit([0.1, 0.3], [False, True]) == 1.0 and top1_hit([0.3, 0.1], [False, True]) == 0.0
 
 
 def test_spearman_is_the_pearson_correlation_of_ranks():
@@ -56,6 +95,11 @@ def test_summary_separates_an_informative_context_from_a_misleading_one():
     assert good["auc"]["mean"] == 1.0 and good["auc"]["n"] == 6 and good["pairwise_accuracy"]["mean"] == 1.0
     assert bad["auc"]["mean"] == 0.0 and bad["spearman"]["mean"] == pytest.approx(-1.0)
     assert good["entropy_gap"]["mean"] == pytest.approx(0.5) and bad["entropy_gap"]["mean"] == pytest.approx(-0.5)
+    assert good["top1_hit"]["mean"] == 1.0 and bad["top1_hit"]["mean"] == 0.0
+    assert good["kendall_gamma"]["mean"] == 1.0 and bad["point_biserial"]["mean"] == pytest.approx(-1.0)
+    assert good["brier"]["mean"] == 0.0 and bad["brier"]["mean"] == 1.0
+    # the gap is the score with its sign turned: student minus teacher, prompt by prompt
+    assert good["gap"]["mean"] == pytest.approx(-good["score"]["mean"])
     assert summary["variants"]["partial"]["auc"]["n"] == 0  # successes had no context: nothing to compare
     assert good["rollouts_scored"] == 19 and summary["variants"]["partial"]["rollouts_scored"] == 13
 
@@ -86,3 +130,19 @@ def test_records_on_a_tiny_model(tiny_model):
         has_other_success = sum(x["success"] for x in groups) - r["success"] > 0
         assert (r["teacher"]["1S"] is not None) == has_other_success
         assert r["teacher"]["2S1F"] is not None  # every other rollout is a success or a failure
+
+
+def test_a_written_report_is_resummarized_from_its_records(tmp_path):
+    from mopd_lightning.analysis import resummarize
+
+    records = [record(f"p{p}", ok, -1.0, -0.5 if ok else -2.0) for p in range(4) for ok in (True, False)]
+    old = summarize(records, ["good", "bad"], samples=50)
+    del old["variants"]["good"]["top1_hit"]  # a report written before a metric existed
+    (tmp_path / "analysis.json").write_text(json.dumps({"meta": {"student": "tiny"}, "summary": old,
+                                                        "records": records}))
+    new = resummarize(str(tmp_path / "analysis.json"), str(tmp_path / "new"), samples=50)
+    saved = json.loads((new / "analysis.json").read_text())
+    assert saved["summary"] == summarize(records, ["good", "bad"], samples=50)
+    assert saved["records"] == records and saved["meta"]["student"] == "tiny"
+    table = (new / "analysis.md").read_text()
+    assert table.count("| good |") == 2 and "top-1 hit" in table  # one row in each of the two tables

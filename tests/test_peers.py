@@ -183,3 +183,53 @@ def test_require_success_masks_failure_only_contexts():
     assert choices[0] == ([], [])  # only failures to show: no context
     assert all(s == [0] and len(f) == 1 for s, f in choices[1:])
     assert pick([False] * 4, PeerConfig(n_success=0, n_failure=1, require_success=True)) == [([], [])] * 4
+
+
+# -- the reference's peer options ---------------------------------------------------------------------------------
+def test_a_success_is_its_own_demonstration_only_when_reprompting_on_self_success():
+    success = [True, False, False, False]
+    config = PeerConfig(n_success=1, n_failure=1, require_success=True)
+    assert pick(success, config)[0] == ([], [])  # default: the lone success has no success to be shown
+    reprompted = pick(success, PeerConfig(n_success=1, n_failure=1, require_success=True,
+                                          dont_reprompt_on_self_success=False))
+    assert reprompted[0][0] == [0] and len(reprompted[0][1]) == 1  # its own answer, as the reference allows
+    assert all(s == [0] for s, _ in reprompted[1:])  # failures are never shown themselves
+    config = PeerConfig(n_success=1, n_failure=0, dont_reprompt_on_self_success=False)
+    shown = {tuple(pick([True, True, False], config, f"k{i}")[0][0]) for i in range(40)}
+    assert shown == {(0,), (1,)}  # itself or the other success, drawn at random
+
+
+def test_lone_successes_and_successes_without_signal_are_counted(tokenizer):
+    from mopd_lightning.metrics import success_coverage
+
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in "abcdef"], [1.0, 0.0, 0.0, 1.0, 1.0, 0.0],
+                           groups=[0, 0, 0, 1, 1, 1])
+    contexts = build_teacher_contexts([example, example], rollouts, tokenizer,
+                                      PeerConfig(n_success=1, n_failure=1, require_success=True), "k")
+    assert [c.active for c in contexts] == [False, True, True, True, True, True]
+    coverage = success_coverage(rollouts, contexts)
+    assert coverage == {"train/lone_success_fraction": 1 / 6, "train/success_without_signal_fraction": 1 / 3}
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("<think>let me see\nmaybe 4</think>\n\nThe answer is 4.", "The answer is 4."),
+    ("A <think>x</think> B <think>y</think>C", "A B C"),
+    ("<think>never closed. The answer is 4.", "<think>never closed. The answer is 4."),
+    ("</think>The answer is 4.", "</think>The answer is 4."),
+])
+def test_remove_thinking_as_the_reference_does(text, expected):
+    from mopd_lightning.peers import remove_thinking
+
+    assert remove_thinking(text) == expected
+
+
+def test_thinking_is_removed_from_success_peers_only(tokenizer):
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    answers = ["<think>SECRET-S</think> right", "<think>SECRET-F</think> wrong", "other"]
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in answers], [1.0, 0.0, 0.0])
+    for remove in (False, True):
+        config = PeerConfig(n_success=1, n_failure=1, remove_thinking_from_demonstration=remove)
+        text = tokenizer.decode(build_teacher_contexts([example], rollouts, tokenizer, config, "k")[2].prompt_ids)
+        assert "right" in text and "wrong" in text and "SECRET-F" in text
+        assert ("SECRET-S" in text) != remove

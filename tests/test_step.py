@@ -78,7 +78,8 @@ def test_teacher_kinds(tiny_model, kind):
     initial = snapshot(module.student)
     run(module)
     if kind == "self":
-        assert module.teacher is None and module.scoring_teacher is module.student
+        with module.as_teacher() as teacher:
+            assert module.teacher is None and teacher is module.student
     else:
         for name, value in module.teacher.state_dict().items():
             assert torch.equal(value, initial[name])
@@ -136,7 +137,8 @@ def test_reused_rollouts_keep_the_teacher_head_they_were_scored_with(tiny_model,
     run(module, steps=1)
     (signal, head), = scored
     assert torch.equal(signal.teacher_weight, head)
-    assert not torch.equal(output_weight(module.scoring_teacher).detach(), head)  # the live head did move
+    with module.as_teacher() as teacher:
+        assert not torch.equal(output_weight(teacher).detach(), head)  # the live head did move
 
 
 def test_float16_with_a_gradient_scaler_is_refused_before_any_weights_load(tiny_model):

@@ -11,7 +11,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Set
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
@@ -237,6 +237,15 @@ class PromptDataModule(pl.LightningDataModule):
         if split not in self.datasets:
             return []
         return DataLoader(self.datasets[split], batch_size=self.val_batch_size, shuffle=False, collate_fn=_collate)
+
+    def draw_prompts(self, count: int, key: str, exclude: Set[str]) -> List[Example]:
+        """``count`` training prompts for an extra sampling round (dynamic sampling), seeded by ``key`` alone, so
+        a resumed run draws the same. Each rank draws from its own share of the prompts (rollouts of a prompt stay
+        on one rank); prompts already in the step (``exclude``, by id) are not drawn again."""
+        world_size = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        share = [e for i, e in enumerate(self.datasets["train"]) if i % world_size == rank and e.id not in exclude]
+        return random.Random(key).sample(share, min(count, len(share)))
 
     # -- resumable position ---------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -1,0 +1,130 @@
+"""LoRA students whose teacher costs one adapter, not one model.
+
+The student trains the adapter ``default`` (peft's LoRA layers injected into the transformers model itself, so every
+path that reads its hidden states and output head stays the same; peft directly, not transformers' adapter methods,
+which demand a newer peft than the package index has). The teacher shares the student's base weights: an EMA teacher
+is a second adapter, ``teacher``, on the same layers, kept as an EMA of the student's adapter; a frozen teacher
+(and GRPO's reference, and the initial side of a trust region) is the base with adapters switched off, since a
+new LoRA adapter changes nothing; ``self`` is the student's own adapter. Switching is a flag on each LoRA layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from .config import LoRAConfig
+
+STUDENT, TEACHER = "default", "teacher"
+
+
+def add_lora(model, config: LoRAConfig, teacher_adapter: bool, seed: int) -> None:
+    """Give ``model`` the trainable student adapter (and, for an EMA teacher, a teacher adapter equal to it); every
+    other weight is frozen. The adapter's random start comes from ``seed`` alone, whatever ran before."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    def adapter_config():
+        return LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+                          target_modules=config.target_modules, base_model_name_or_path=model.name_or_path)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(adapter_config(), model, adapter_name=STUDENT)
+    if teacher_adapter:
+        inject_adapter_in_model(adapter_config(), model, adapter_name=TEACHER)
+        with torch.no_grad():
+            for teacher, student in adapter_pairs(model):
+                teacher.copy_(student)
+    _train_student_adapter(model)
+
+
+def _lora_layers(model):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [module for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+
+def _train_student_adapter(model) -> None:
+    for layer in _lora_layers(model):
+        layer.enable_adapters(True)
+        layer.set_adapter(STUDENT)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(f".{STUDENT}." in name and "lora_" in name)
+
+
+@contextlib.contextmanager
+def adapter(model, name: Optional[str]) -> Iterator[torch.nn.Module]:
+    """``model`` run as another adapter (``TEACHER``) or as its base (None) inside the block, then as the student
+    again, with only the student's adapter trainable."""
+    try:
+        for layer in _lora_layers(model):
+            if name is None:
+                layer.enable_adapters(False)
+            else:
+                layer.set_adapter(name)
+        yield model
+    finally:
+        _train_student_adapter(model)
+
+
+def adapter_pairs(model) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """(teacher, student) weight of every LoRA matrix."""
+    from peft.tuners.lora import LoraLayer
+
+    pairs = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and TEACHER in module.lora_A:
+            for matrices in (module.lora_A, module.lora_B):
+                pairs.append((matrices[TEACHER].weight, matrices[STUDENT].weight))
+    return pairs
+
+
+@torch.no_grad()
+def ema_update_adapter(model, rate: float) -> None:
+    """``teacher adapter <- (1 - rate) * teacher adapter + rate * student adapter``, matrix by matrix."""
+    for teacher, student in adapter_pairs(model):
+        teacher.lerp_(student.to(teacher.dtype), rate)
+
+
+@torch.no_grad()
+def merged_state_dict(model) -> Dict[str, torch.Tensor]:
+    """The model's weights as a plain transformers checkpoint, the student's adapter merged into its base layers."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            deltas[f"{name}.weight"] = module.get_delta_weight(STUDENT)
+    merged = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        merged[key] = value + deltas[key].to(value.dtype) if key in deltas else value
+    return merged
+
+
+def save_adapter(model, path: str) -> None:
+    """The student's adapter alone, in peft's format (``PeftModel.from_pretrained(base, path)`` loads it)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    model.peft_config[STUDENT].save_pretrained(path)
+    state = {f"base_model.model.{key.replace(f'.{STUDENT}.', '.')}": value.detach().contiguous()
+             for key, value in model.state_dict().items() if "lora_" in key and f".{STUDENT}." in key}
+    save_file(state, os.path.join(path, "adapter_model.safetensors"))
+
+
+def save_merged(model, path: str) -> None:
+    """Save ``model`` with the student's adapter merged in, as a plain transformers checkpoint (no peft needed to
+    load it); the weights are shared with ``model``, not copied."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(model.config)
+    plain.load_state_dict(merged_state_dict(model), assign=True)
+    plain.generation_config = model.generation_config
+    plain.save_pretrained(path)
