@@ -4,8 +4,8 @@
 
 Models: the demo (SmolLM2-135M-Instruct) and a randomly initialised Qwen2-0.5B-shaped model built from a config
 (494M parameters with its tied 151,936-row head; only memory and time are measured). Each arm runs in a process of
-its own (peak RSS is per process): MOPD with an EMA teacher, and GRPO (no teacher) as the baseline the teacher adds
-to; full weights or LoRA (rank 16, every linear layer). Writes benchmarks/results/lora_memory_cpu.json and .md with
+its own (peak RSS is per process): MOPD with an EMA teacher, and MOPD with the live student as its teacher (``self``:
+no teacher weights) as the baseline the EMA teacher adds to; full weights or LoRA (rank 16, every linear layer). Writes benchmarks/results/lora_memory_cpu.json and .md with
 peak RSS, the bytes of weights, gradients and AdamW state, and the median step time after the first step.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 
 QWEN2_05B = dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                  num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096, tie_word_embeddings=True)
-ARMS = [(lora, method) for lora in (False, True) for method in ("grpo", "mopd")]
+ARMS = [(lora, teacher) for lora in (False, True) for teacher in ("self", "ema")]
 
 
 def build_qwen2(folder: Path) -> str:
@@ -43,13 +43,13 @@ def build_qwen2(folder: Path) -> str:
     return str(folder)
 
 
-def arm(student: str, lora: bool, method: str, steps: int) -> dict:
+def arm(student: str, lora: bool, teacher: str, steps: int) -> dict:
     """One configuration, in this process."""
     import lightning.pytorch as pl
     import torch
 
     from mopd_lightning import MOPDModule, PromptDataModule
-    from mopd_lightning.config import LoRAConfig, OptimConfig, SamplingConfig, PeerConfig
+    from mopd_lightning.config import LoRAConfig, OptimConfig, PeerConfig, SamplingConfig, TeacherConfig
 
     times = []
 
@@ -57,7 +57,7 @@ def arm(student: str, lora: bool, method: str, steps: int) -> dict:
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
             times.append(float(trainer.callback_metrics["time/step_s"]))
 
-    module = MOPDModule(student=student, method=method, lora=LoRAConfig(enabled=lora),
+    module = MOPDModule(student=student, teacher=TeacherConfig(kind=teacher), lora=LoRAConfig(enabled=lora),
                         sampling=SamplingConfig(group_size=2, max_new_tokens=16),
                         peers=PeerConfig(n_success=1, n_failure=1), optim=OptimConfig(warmup_steps=0))
     trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -81,11 +81,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["demo", "qwen2-0.5b"])
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_memory_cpu"))
-    parser.add_argument("--arm", nargs=3, help=argparse.SUPPRESS)  # student lora method: run one arm, print JSON
+    parser.add_argument("--arm", nargs=3, help=argparse.SUPPRESS)  # student lora teacher: run one arm, print JSON
     args = parser.parse_args()
     if args.arm:
-        student, lora, method = args.arm
-        print("RESULT " + json.dumps(arm(student, lora == "lora", method, args.steps)), flush=True)
+        student, lora, teacher = args.arm
+        print("RESULT " + json.dumps(arm(student, lora == "lora", teacher, args.steps)), flush=True)
         return
 
     started, load_before = time.perf_counter(), os.getloadavg()[0]
@@ -93,10 +93,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for model in args.models:
             student = build_qwen2(Path(scratch) / "qwen2") if model == "qwen2-0.5b" else model
-            for lora, method in ARMS:
-                name = f"{model} / {'lora' if lora else 'full'} / {method}"
+            for lora, teacher in ARMS:
+                name = f"{model} / {'lora' if lora else 'full'} / {teacher} teacher"
                 run = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--arm", student,
-                                      "lora" if lora else "full", method], capture_output=True, text=True)
+                                      "lora" if lora else "full", teacher], capture_output=True, text=True)
                 line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if line is None:
                     raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
@@ -105,13 +105,12 @@ def main() -> None:
     ratios = {}
     for model in args.models:
         for kind in ("full", "lora"):
-            with_teacher, without = results[f"{model} / {kind} / mopd"], results[f"{model} / {kind} / grpo"]
-            ratios[f"{model}, {kind}: peak RSS with the EMA teacher / without"] = (with_teacher["peak_rss_gb"]
-                                                                                   / without["peak_rss_gb"])
-        ratios[f"{model}: peak RSS, LoRA / full (MOPD)"] = (results[f"{model} / lora / mopd"]["peak_rss_gb"]
-                                                           / results[f"{model} / full / mopd"]["peak_rss_gb"])
-        ratios[f"{model}: step time, LoRA / full (MOPD)"] = (results[f"{model} / lora / mopd"]["step_s"]
-                                                            / results[f"{model} / full / mopd"]["step_s"])
+            ema, live = results[f"{model} / {kind} / ema teacher"], results[f"{model} / {kind} / self teacher"]
+            ratios[f"{model}, {kind}: peak RSS with an EMA teacher / with the live student as teacher"] = (
+                ema["peak_rss_gb"] / live["peak_rss_gb"])
+        lora, full = results[f"{model} / lora / ema teacher"], results[f"{model} / full / ema teacher"]
+        ratios[f"{model}: peak RSS, LoRA / full (EMA teacher)"] = lora["peak_rss_gb"] / full["peak_rss_gb"]
+        ratios[f"{model}: step time, LoRA / full (EMA teacher)"] = lora["step_s"] / full["step_s"]
     import torch
 
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv),
@@ -125,7 +124,7 @@ def main() -> None:
              f"Device: {result['device']}; command: `{result['command']}`; {result['wall_s']:.0f} s in all. "
              "2 prompts x 2 rollouts x 16 new tokens a step; LoRA rank 16 on every linear layer; peak RSS of the "
              "arm's process.",
-             "", "| model / weights / method | peak RSS GB | weights GB | trainable GB | teacher GB | AdamW state GB "
+             "", "| model / weights / teacher | peak RSS GiB | weights GiB | trainable GiB | teacher GiB | AdamW state GiB "
              "| step s |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['peak_rss_gb']:.2f} | {r['weights_gb']:.3f} | {r['trainable_gb']:.3f} | "
