@@ -25,6 +25,8 @@ Stages (each one's result, or its error, goes into the report):
    teacher, AdamW as CUDA runs it: foreach) with phase times and peak memory; that every parameter those steps
    changed is among what the rollout engine would be sent; the fused loss against the unfused one; one step with
    packed passes under SDPA; and ``16-mixed`` refused with a message naming the setting.
+4. ``lora``: one bf16-mixed step each with full weights and with LoRA, each with the live student as its teacher and
+   with an EMA teacher: peak memory above what was allocated before, and step time (what the EMA teacher adds).
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".gpu-wheels"
-STAGES = ("install", "tests", "kernels", "step")
-TIME_BOX_S = {"tests": 100, "kernels": 170, "step": 180}  # each under 4 minutes; install's commands 120 s each
+STAGES = ("install", "tests", "kernels", "step", "lora")
+TIME_BOX_S = {"tests": 100, "kernels": 170, "step": 180, "lora": 150}  # each under 4 minutes; install's: 120 s each
 BUDGET_S = 480  # the whole check in 8 minutes; the device runs a command for at most 600 s
 # Qwen3-0.6B's shape (a random init: only speed and memory are measured), and a tiny one for --dry-run.
 QWEN3_SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -230,7 +232,7 @@ class Partial(dict):
 
 def run_one_stage(name: str, out: Path, dry_run: bool) -> int:
     results = Partial(out / "stages" / f"{name}.json")
-    work = {"tests": run_tests, "kernels": run_kernels, "step": run_step}[name]
+    work = {"tests": run_tests, "kernels": run_kernels, "step": run_step, "lora": run_lora}[name]
     try:
         work(results, out, dry_run)
     except Exception as error:  # noqa: BLE001 - recorded; the driver goes on with the next stage
@@ -322,7 +324,8 @@ def run_step(results: Partial, out: Path, dry_run: bool) -> None:
     results["ok"] = all(results[name]["ok"] for name in parts)
 
 
-def fit(path: Path, device: str, dry_run: bool, steps: int, callbacks=(), plugins=(), precision=None, **module_args):
+def fit(path: Path, device: str, dry_run: bool, steps: int, callbacks=(), plugins=(), precision=None, new_tokens=256,
+        **module_args):
     """``steps`` MOPD steps through a real Lightning Trainer; returns the module and each step's logged numbers."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -331,7 +334,7 @@ def fit(path: Path, device: str, dry_run: bool, steps: int, callbacks=(), plugin
     from mopd_lightning.config import PeerConfig, SamplingConfig
     from mopd_lightning.data.datamodule import PromptStream
 
-    prompts, new_tokens = (2, 8) if dry_run else (8, 256)
+    prompts, new_tokens = (2, 8) if dry_run else (8, new_tokens)
     data = PromptDataModule(batch_size=prompts)
     data.setup("fit")
     module = MOPDModule(student=str(path), sampling=SamplingConfig(group_size=4, max_new_tokens=new_tokens),
@@ -445,6 +448,45 @@ def fused_against_unfused(module, device: str) -> dict:
             "operand_devices": sorted({t.device.type for t in operands})}
 
 
+def run_lora(results: Partial, out: Path, dry_run: bool) -> None:
+    """Peak memory and time of one step (128 new tokens), LoRA against full weights, with the live student as the
+    teacher and with an EMA teacher: with LoRA the EMA teacher is one adapter, without it a second model."""
+    import gc
+
+    import torch
+
+    from mopd_lightning.config import LoRAConfig, TeacherConfig
+
+    device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
+    cuda = device == "cuda"
+    results["device"] = device
+    with tempfile.TemporaryDirectory() as folder:
+        path = build_model(Path(folder), TINY_SHAPE if dry_run else QWEN3_SHAPE)
+        for lora in (False, True):
+            for kind in ("self", "ema"):
+                name = f"{'lora' if lora else 'full'} / {kind} teacher"
+                try:
+                    gc.collect()
+                    if cuda:
+                        torch.cuda.empty_cache()
+                        torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated() if cuda else 0
+                    module, steps = fit(path, device, dry_run, 1, new_tokens=128, lora=LoRAConfig(enabled=lora),
+                                        teacher=TeacherConfig(kind=kind))
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
+                    results[name] = {"ok": bool(torch.isfinite(torch.tensor(steps[0]["train/loss"]))),
+                                     "peak_memory_gb": peak, "step_s": steps[0]["time/step_s"],
+                                     "trainable": sum(p.numel() for p in module.student.parameters() if p.requires_grad)}
+                    del module
+                except Exception as error:  # noqa: BLE001 - recorded, and the next arm runs
+                    import traceback
+
+                    traceback.print_exc()
+                    results[name] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:1500]}
+    arms = [k for k in results if " / " in k]
+    results["ok"] = len(arms) == 4 and all(results[k]["ok"] for k in arms)
+
+
 def packed_step(path: Path, device: str, dry_run: bool) -> dict:
     """One step with padding-free passes under SDPA (without flash-attention: one forward per row)."""
     import math
@@ -505,6 +547,13 @@ def markdown(report: dict) -> str:
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
         if name == "step":
             lines += _step_lines(stage)
+        if name == "lora":
+            for arm, result in stage.items():
+                if isinstance(result, dict):
+                    peak = result.get("peak_memory_gb")
+                    lines.append(f"- {arm}: " + (f"FAILED `{result['error']}`" if "error" in result else
+                                 f"peak {'n/a' if peak is None else f'{peak:.2f} GB'}, step {result['step_s']:.1f} s, "
+                                 f"{result['trainable'] / 1e6:.3g}M trainable"))
         lines.append("")
     return "\n".join(lines)
 
