@@ -56,7 +56,8 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
-    assert list(stages) == ["install", "tests", "kernels", "step"] and all(s["ok"] for s in stages.values()), stages
+    assert list(stages) == ["install", "tests", "kernels", "step", "lora"] and all(s["ok"] for s in stages.values()), \
+        stages
     install = stages["install"]  # a fresh environment, without the project until the check installed it
     assert install["fresh_environment"] and not install["project_importable_before"]
     assert install["versions"]["mopd_lightning"].startswith(str(ROOT)) and install["triton_interpreter"] == "works"
@@ -75,6 +76,8 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     assert step["packed_sdpa"]["steps"][0]["train/padded_fraction"] == 0.0
     assert "trainer.precision: 16-mixed" in step["float16"]["refused"]
     assert "## step: ok" in (out / "gpu_check.md").read_text()
+    lora = stages["lora"]
+    assert lora["lora / ema teacher"]["trainable"] < lora["full / ema teacher"]["trainable"] / 2
 
 
 def _gpu_check():
