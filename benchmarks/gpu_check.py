@@ -476,7 +476,8 @@ def run_lora(results: Partial, out: Path, dry_run: bool) -> None:
                     peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
                     results[name] = {"ok": bool(torch.isfinite(torch.tensor(steps[0]["train/loss"]))),
                                      "peak_memory_gb": peak, "step_s": steps[0]["time/step_s"],
-                                     "trainable": sum(p.numel() for p in module.student.parameters() if p.requires_grad)}
+                                     "trainable": sum(p.numel() for p in module.student.parameters()
+                                                      if p.requires_grad)}
                     del module
                 except Exception as error:  # noqa: BLE001 - recorded, and the next arm runs
                     import traceback

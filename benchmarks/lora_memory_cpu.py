@@ -5,8 +5,9 @@
 Models: the demo (SmolLM2-135M-Instruct) and a randomly initialised Qwen2-0.5B-shaped model built from a config
 (494M parameters with its tied 151,936-row head; only memory and time are measured). Each arm runs in a process of
 its own (peak RSS is per process): MOPD with an EMA teacher, and MOPD with the live student as its teacher (``self``:
-no teacher weights) as the baseline the EMA teacher adds to; full weights or LoRA (rank 16, every linear layer). Writes benchmarks/results/lora_memory_cpu.json and .md with
-peak RSS, the bytes of weights, gradients and AdamW state, and the median step time after the first step.
+no teacher weights) as the baseline the EMA teacher adds to; full weights or LoRA (rank 16, every linear layer).
+Writes benchmarks/results/lora_memory_cpu.json and .md with peak RSS, the bytes of weights, trainable weights, the
+teacher's weights and AdamW state, and the median step time after the first step.
 """
 
 from __future__ import annotations
@@ -124,8 +125,8 @@ def main() -> None:
              f"Device: {result['device']}; command: `{result['command']}`; {result['wall_s']:.0f} s in all. "
              "2 prompts x 2 rollouts x 16 new tokens a step; LoRA rank 16 on every linear layer; peak RSS of the "
              "arm's process.",
-             "", "| model / weights / teacher | peak RSS GiB | weights GiB | trainable GiB | teacher GiB | AdamW state GiB "
-             "| step s |", "|---|---|---|---|---|---|---|"]
+             "", "| model / weights / teacher | peak RSS GiB | weights GiB | trainable GiB | teacher GiB "
+             "| AdamW state GiB | step s |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         lines.append(f"| {name} | {r['peak_rss_gb']:.2f} | {r['weights_gb']:.3f} | {r['trainable_gb']:.3f} | "
                      f"{r['teacher_gb']:.3f} | {r['adamw_state_gb']:.3f} | {r['step_s']:.1f} |")

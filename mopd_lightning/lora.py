@@ -21,6 +21,11 @@ from .config import LoRAConfig
 STUDENT, TEACHER = "default", "teacher"
 
 
+def is_lora(model) -> bool:
+    """Whether ``model`` carries LoRA adapters (``add_lora``; peft records them on the model it injects into)."""
+    return STUDENT in getattr(model, "peft_config", {})
+
+
 def add_lora(model, config: LoRAConfig, teacher_adapter: bool, seed: int) -> None:
     """Give ``model`` the trainable student adapter (and, for an EMA teacher, a teacher adapter equal to it); every
     other weight is frozen. The adapter's random start comes from ``seed`` alone, whatever ran before."""
@@ -90,41 +95,43 @@ def ema_update_adapter(model, rate: float) -> None:
 
 
 @torch.no_grad()
-def merged_state_dict(model) -> Dict[str, torch.Tensor]:
-    """The model's weights as a plain transformers checkpoint, the student's adapter merged into its base layers."""
+def merged_state_dict(model, state: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    """Weights as a plain transformers checkpoint, the student's adapter merged into its base layers: of the whole
+    ``model``, or of ``state`` (whole tensors under the model's names, e.g. gathered from shards, or only some
+    layers' with their adapters)."""
     from peft.tuners.lora import LoraLayer
 
-    deltas = {}
+    state = model.state_dict() if state is None else state
+    merged = {key.replace(".base_layer.", "."): value for key, value in state.items() if "lora_" not in key}
     for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            deltas[f"{name}.weight"] = module.get_delta_weight(STUDENT)
-    merged = {}
-    for key, value in model.state_dict().items():
-        if "lora_" in key:
-            continue
-        key = key.replace(".base_layer.", ".")
-        merged[key] = value + deltas[key].to(value.dtype) if key in deltas else value
+        a, b = state.get(f"{name}.lora_A.{STUDENT}.weight"), state.get(f"{name}.lora_B.{STUDENT}.weight")
+        if isinstance(module, LoraLayer) and a is not None:
+            delta = (b.float() @ a.float()) * module.scaling[STUDENT]
+            weight = merged[f"{name}.weight"]
+            merged[f"{name}.weight"] = weight + (delta.T if module.fan_in_fan_out else delta).to(weight.dtype)
     return merged
 
 
-def save_adapter(model, path: str) -> None:
+def save_adapter(model, path: str, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
     """The student's adapter alone, in peft's format (``PeftModel.from_pretrained(base, path)`` loads it)."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
     model.peft_config[STUDENT].save_pretrained(path)
+    state = model.state_dict() if state is None else state
     state = {f"base_model.model.{key.replace(f'.{STUDENT}.', '.')}": value.detach().contiguous()
-             for key, value in model.state_dict().items() if "lora_" in key and f".{STUDENT}." in key}
+             for key, value in state.items() if "lora_" in key and f".{STUDENT}." in key}
     save_file(state, os.path.join(path, "adapter_model.safetensors"))
 
 
-def save_merged(model, path: str) -> None:
-    """Save ``model`` with the student's adapter merged in, as a plain transformers checkpoint (no peft needed to
-    load it); the weights are shared with ``model``, not copied."""
+def save_merged(model, path: str, state: Optional[Dict[str, torch.Tensor]] = None) -> None:
+    """Save ``model`` (or its gathered ``state``) with the student's adapter merged in, as a plain transformers
+    checkpoint (no peft needed to load it)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         plain = AutoModelForCausalLM.from_config(model.config)
-    plain.load_state_dict(merged_state_dict(model), assign=True)
+    plain.load_state_dict(merged_state_dict(model, state), assign=True)
+    plain.tie_weights()  # gathered shards bring the tied head as a tensor of its own: saved once, as transformers does
     plain.generation_config = model.generation_config
     plain.save_pretrained(path)

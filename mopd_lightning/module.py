@@ -104,9 +104,6 @@ class MOPDModule(pl.LightningModule):
         self.sampling, self.dynamic_sampling, self.verifier = sampling, dynamic_sampling, verifier
         self.peers, self.teacher_config = self.method.peers, self.method.teacher  # as the method adapted them
         self.vllm_config = vllm
-        if lora.enabled and sampling.backend == "vllm":
-            raise ConfigError("model.lora.enabled: the vllm rollout backend does not take LoRA students yet; use "
-                              "model.sampling.backend: hf")
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
         self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
@@ -166,9 +163,6 @@ class MOPDModule(pl.LightningModule):
                 raise ConfigError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
                                   f"{rows[1]} rows, the student {rows[0]}")
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, every model sharded the same way
-            if self.lora.enabled:
-                raise ConfigError("model.lora.enabled: LoRA is not supported with FSDP yet; use DDP (trainer.strategy: "
-                                  "ddp), which LoRA's small optimizer state makes affordable")
             if self.method.needs_teacher and self.teacher_config.kind == "trust_region":
                 raise ConfigError("model.teacher.kind: trust_region is not supported with FSDP yet (it joins the "
                                   "initial model's and the student's output heads); use ema or frozen")
@@ -196,10 +190,10 @@ class MOPDModule(pl.LightningModule):
         """After an optimizer step: the EMA teacher follows the student (the adapter only, with LoRA)."""
         if self.teacher_config.kind != "ema" or not self.method.needs_teacher:
             return
+        reshard(self.teacher, self.student)
         if self.lora.enabled:
             ema_update_adapter(self.student, self.teacher_config.ema_rate)
         else:
-            reshard(self.teacher, self.student)
             ema_update(self.teacher, self.student, self.teacher_config.ema_rate)
 
     def score_teacher(self, sequences: Dict[int, List[int]], lengths: Dict[int, int]
@@ -422,13 +416,13 @@ class MOPDModule(pl.LightningModule):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             state = get_model_state_dict(self.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if getattr(self.student.config, "tie_word_embeddings", False):  # saved once, as transformers does
+            if getattr(self.student.config, "tie_word_embeddings", False) and not self.lora.enabled:  # saved once
                 head = self.student.get_output_embeddings()
                 state.pop(next(f"{name}.weight" for name, m in self.student.named_modules() if m is head))
         if self._trainer is None or self.trainer.is_global_zero:
             if self.lora.enabled:
-                save_merged(self.student, path)
-                save_adapter(self.student, os.path.join(path, "adapter"))
+                save_merged(self.student, path, state)
+                save_adapter(self.student, os.path.join(path, "adapter"), state)
             else:
                 self.student.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)

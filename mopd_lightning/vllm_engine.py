@@ -21,6 +21,7 @@ gap to the trainer's is the off-policy error, logged (``train/engine_logp_gap``)
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 import torch
 
 from .config import VLLMConfig
+from .lora import is_lora, merged_state_dict
 from .rollouts import Rollouts
 from .sharding import full_tensor, reshard
 
@@ -78,14 +80,23 @@ class WeightTracker:
         return sorted({layer_key(name) for name in names})
 
     def weights(self, student: torch.nn.Module, layers: Sequence[str]) -> Iterator[Tuple[str, torch.Tensor]]:
-        """The named parameters of ``layers``, gathered one at a time, recorded as sent."""
+        """The named parameters of ``layers``, gathered one at a time, recorded as sent. A LoRA student's are its
+        base weights with its adapter merged in, under the checkpoint's names, gathered one layer at a time."""
         if self.stale is None:
             self.stale = {name for name, _ in student.named_parameters()}
         wanted = set(layers)
-        for name, param in student.named_parameters():
-            if layer_key(name) in wanted:
-                self.stale.discard(name)
-                yield name, full_tensor(param.detach())
+        lora = is_lora(student)
+        for layer, names in itertools.groupby(student.named_parameters(), key=lambda item: layer_key(item[0])):
+            if layer not in wanted:
+                continue
+            if not lora:
+                for name, param in names:
+                    self.stale.discard(name)
+                    yield name, full_tensor(param.detach())
+                continue
+            gathered = {name: full_tensor(param.detach()) for name, param in names}
+            self.stale.difference_update(gathered)
+            yield from merged_state_dict(student, gathered).items()  # the engine holds plain weights
 
 
 def _reload_in_worker(worker, weights: Iterator[Tuple[str, torch.Tensor]], tied_head: bool) -> None:

@@ -1,6 +1,8 @@
 """LoRA students: the teacher is an adapter (or the base) of the same model, every method trains, resume is exact,
 export gives merged weights and the adapter alone."""
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -143,5 +145,27 @@ def test_export_writes_merged_weights_and_the_adapter_alone(tiny_model, tmp_path
 def test_lora_settings_are_checked():
     with pytest.raises(ConfigError, match="model.lora.rank"):
         LoRAConfig(enabled=True, rank=0)
-    with pytest.raises(ConfigError, match="model.lora.enabled"):
-        MOPDModule(lora=LORA, sampling=SamplingConfig(backend="vllm"))
+
+
+def test_fsdp_on_two_processes_trains_a_lora_student_as_one_process_does(tiny_model, tmp_path):
+    """LoRA under FSDP2 (two CPU processes): the EMA teacher adapter updates shard by shard, and the merged export
+    gathered from the shards equals a one-process run's."""
+    from safetensors.torch import load_file
+
+    from test_cli import FSDP_ON_TWO_CPUS, mopd, tiny_args
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir(), two.mkdir()
+    common = ["--data.shuffle", "false", "--model.lora.enabled", "true", "--model.lora.rank", "4",
+              "--model.export_dir"]
+    mopd(*tiny_args(tiny_model, 2, *common, one / "export"), cwd=one)
+    mopd(*tiny_args(tiny_model, 2, *common, two / "export", *FSDP_ON_TWO_CPUS), cwd=two)
+    start = load_file(str(Path(tiny_model) / "model.safetensors"))
+    first, second = (load_file(str(folder / "export" / "model.safetensors")) for folder in (one, two))
+    assert first.keys() == second.keys() == start.keys()
+    moved = [name for name in first if not torch.equal(first[name], start[name])]
+    assert moved and all(".layers." in name and "norm" not in name for name in moved)  # adapted layers only
+    for name in first:
+        torch.testing.assert_close(second[name], first[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert (one / "export" / "adapter" / "adapter_model.safetensors").exists()
+    assert (two / "export" / "adapter" / "adapter_model.safetensors").exists()

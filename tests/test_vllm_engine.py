@@ -55,6 +55,30 @@ def test_only_layers_an_optimizer_step_changed_are_sent(tiny_model, implementati
     assert tracker.changed_layers(student) == everything
 
 
+def test_a_lora_student_is_sent_merged_under_the_checkpoint_names(tiny_model):
+    """The engine holds plain weights: a LoRA student's layers go to it with the adapter merged in."""
+    from mopd_lightning.config import LoRAConfig
+    from mopd_lightning.lora import add_lora, merged_state_dict
+
+    student = load_causal_lm(tiny_model)
+    plain = {name for name, _ in student.named_parameters()}
+    add_lora(student, LoRAConfig(enabled=True, rank=4), teacher_adapter=True, seed=0)
+    with torch.no_grad():
+        student.model.layers[1].mlp.up_proj.lora_B["default"].weight.normal_()
+    tracker = WeightTracker()
+    sent = dict(tracker.weights(student, tracker.changed_layers(student)))
+    assert set(sent) == plain  # checkpoint names: no adapters, no base_layer
+    merged = merged_state_dict(student)
+    assert all(torch.equal(sent[name], merged[name]) for name in sent)
+    base = student.model.layers[1].mlp.up_proj.base_layer.weight
+    assert not torch.equal(sent["model.layers.1.mlp.up_proj.weight"], base)  # the adapter is in it
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    tracker.follow(optimizer, student)
+    student(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    optimizer.step()
+    assert tracker.changed_layers(student) == ["model.layers.0", "model.layers.1"]  # where the adapters are
+
+
 def test_vllm_config_errors_name_the_field():
     with pytest.raises(ValueError, match="model.sampling.backend"):
         SamplingConfig(backend="sglang")
@@ -132,6 +156,25 @@ def test_weight_sync_sends_changed_layers_and_refreshes_the_tied_head(demo_engin
         student.model.layers[3].mlp.up_proj.weight.mul_(1.5)
     probes = [engine.sync(student).get("gap") for _ in range(engine.config.probe_every - 1)]  # one sync above
     assert probes[:-1] == [None] * (engine.config.probe_every - 2) and probes[-1] > 1e-2
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_lora_student_syncs_its_merged_weights(demo_engine):
+    from mopd_lightning.config import LoRAConfig
+    from mopd_lightning.lora import add_lora
+
+    engine, student, tokenizer = demo_engine
+    add_lora(student, LoRAConfig(enabled=True), teacher_adapter=False, seed=0)
+    engine.tracker.mark_all()
+    assert engine.sync(student)["gap"] < 1e-3  # a new adapter changes nothing
+    optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-2, foreach=True)
+    engine.tracker.follow(optimizer, student)
+    prompt = _prompts(tokenizer, ["Name a noble gas."])[0]
+    student(input_ids=torch.tensor([prompt])).logits.logsumexp(-1).sum().backward()
+    optimizer.step()
+    assert engine.probe_gap(student) > 1e-2  # the engine lags the adapter
+    assert engine.sync(student)["gap"] < 1e-3, "the engine must hold the base with the adapter merged in"
 
 
 @needs_vllm
