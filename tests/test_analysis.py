@@ -116,10 +116,17 @@ def test_variants_are_the_paper_mixes_and_controls():
         variant_peers(base, "3S")
 
 
-def test_records_on_a_tiny_model(tiny_model):
-    module = make(tiny_model)
+@pytest.mark.parametrize("lora", [False, True])
+def test_records_on_a_tiny_model(tiny_model, lora):
+    from mopd_lightning.config import LoRAConfig
+    from mopd_lightning.lora import adapter_pairs
+
+    module = make(tiny_model, lora=LoRAConfig(enabled=lora, rank=4))
     module.setup("fit")
     module.configure_model()
+    with torch.no_grad():  # a LoRA student away from its base, its EMA teacher adapter equal to it
+        for teacher, student in adapter_pairs(module.student):
+            teacher.copy_(student.add_(0.3 * torch.randn_like(student)))
     records = teacher_signal_records(module, examples(3), ["none", "1S", "2S1F"])
     assert len(records) == 12 and {r["prompt"] for r in records} == {"toy-0", "toy-1", "toy-2"}
     for r in records:
