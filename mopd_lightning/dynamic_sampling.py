@@ -36,27 +36,27 @@ def keep_mixed_groups(module, batch: List[Example], rollouts: Rollouts, config: 
     and dropped, extra rounds, and whether the step ended short of ``min_groups``. ``rollouts`` are ``batch``'s,
     sampled and verified."""
     target = config.min_groups or len(batch)
-    drawn: List[Tuple[Example, Rollouts, int]] = []  # every group sampled this step: (prompt, rollouts, group)
+    drawn: List[Example] = []  # every prompt sampled this step
+    mixed: List[Tuple[Example, Rollouts, int]] = []  # its groups with both outcomes: (prompt, rollouts, group)
 
     def add(examples: List[Example], sampled: Rollouts) -> None:
-        drawn.extend((example, sampled, g) for g, example in enumerate(examples))
-
-    def mixed() -> List[Tuple[Example, Rollouts, int]]:
-        return [(e, r, g) for e, r, g in drawn if r.is_mixed(r.groups[g])]
+        drawn.extend(examples)
+        mixed.extend((e, sampled, g) for g, (e, members) in enumerate(zip(examples, sampled.groups))
+                     if sampled.is_mixed(members))
 
     add(batch, rollouts)
     rounds = 0
-    while rounds < config.max_rounds and module.all_reduce(float(len(mixed()) < target)) > 0:
+    while rounds < config.max_rounds and module.all_reduce(float(len(mixed) < target)) > 0:
         rounds += 1
         extra = module.trainer.datamodule.draw_prompts(len(batch), f"{module.seed}:dynamic:{module.rollout_batches}:"
-                                                       f"{rounds}", {e.id for e, _, _ in drawn})
+                                                       f"{rounds}", {e.id for e in drawn})
         with timer.phase("sample"):
             sampled = module.sample(extra, "train", module.sampling.group_size, module.sampling.temperature,
                                     round=rounds)
         with timer.phase("verify"):
             module.verify(extra, sampled)
         add(extra, sampled)
-    kept = mixed()[:target]
+    kept = mixed[:target]
     trained = len(kept) if kept else len(batch)
     stats = {"dynamic_groups_sampled": float(len(drawn)), "dynamic_groups_kept": float(trained),
              "dynamic_groups_dropped": float(len(drawn) - trained), "dynamic_rounds": float(rounds),

@@ -41,7 +41,8 @@ def success_coverage(rollouts, contexts) -> Dict[str, float]:
     """Successes that no other success can teach: the only success of their group (share of all rollouts), and
     successes left without any context, hence without distillation signal (share of the successes)."""
     successes = [r for r, ok in enumerate(rollouts.success) if ok]
-    lone = [r for r in successes if sum(rollouts.success[j] for j in rollouts.groups[rollouts.group[r]]) == 1]
+    groups = rollouts.groups
+    lone = [r for r in successes if sum(rollouts.success[j] for j in groups[rollouts.group[r]]) == 1]
     silent = [r for r in successes if not contexts[r].active]
     return {"train/lone_success_fraction": len(lone) / len(rollouts),
             "train/success_without_signal_fraction": len(silent) / max(len(successes), 1)}

@@ -155,7 +155,7 @@ class MOPDModule(pl.LightningModule):
         if kind is not None and (kind == "external" or not self.lora.enabled):  # with LoRA: adapters of the student
             self.teacher = make_teacher(self.student, self.teacher_config,
                                         lambda path: load_causal_lm(path, self.dtype_name, self.attn))
-        if self.method.needs_advantages and self.grpo.kl_coef > 0 and not self.lora.enabled:
+        if self.uses_reference and not self.lora.enabled:  # with LoRA: the student's base
             self.reference = make_teacher(self.student, TeacherConfig(kind="frozen"), None)
         if self.teacher is not None and self.teacher_config.kind == "external":
             rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
@@ -172,6 +172,11 @@ class MOPDModule(pl.LightningModule):
             for model in (self.student, self.teacher, self.reference):
                 if model is not None:
                     shard_model(model, self.device_mesh["data_parallel"])
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether GRPO's KL term needs the initial student's log-probabilities."""
+        return self.method.needs_advantages and self.grpo.kl_coef > 0
 
     def as_teacher(self):
         """A context in which the teacher model runs: a model of its own, the student, or (LoRA) the student's base
@@ -305,7 +310,7 @@ class MOPDModule(pl.LightningModule):
             signal.teacher_weight = head.clone() if live and self.optim.updates_per_batch > 1 else head
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
-        if self.method.needs_advantages and self.grpo.kl_coef > 0:
+        if self.uses_reference:
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
             with self.as_initial() as reference:
                 hidden = score_rollouts(reference, sequences, lengths, pad, max_tokens, packed, self.forwards)

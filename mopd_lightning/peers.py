@@ -128,15 +128,16 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
             contexts.append(TeacherContext([], [], 0, False))
             continue
         peers = sorted(peers, key=lambda p: not p.shown_success)  # success blocks first, then failures
-        for p in peers:
-            key = (p.rollout, p.shown_success and config.remove_thinking_from_demonstration)
-            if key not in truncated:
-                ids = _strip_stop(rollouts.response_ids[p.rollout], tokenizer)
-                if key[1]:
+        keys = [(p.rollout, p.shown_success and config.remove_thinking_from_demonstration) for p in peers]
+        for rollout, without_thinking in keys:
+            if (rollout, without_thinking) not in truncated:
+                ids = _strip_stop(rollouts.response_ids[rollout], tokenizer)
+                if without_thinking:
                     ids = tokenizer.encode(remove_thinking(tokenizer.decode(ids, skip_special_tokens=True)),
                                            add_special_tokens=False)
-                truncated[key] = truncate_middle(ids, config.max_peer_tokens, tokenizer, config.truncation_marker)
-        shown = [truncated[(p.rollout, p.shown_success and config.remove_thinking_from_demonstration)] for p in peers]
+                truncated[rollout, without_thinking] = truncate_middle(ids, config.max_peer_tokens, tokenizer,
+                                                                       config.truncation_marker)
+        shown = [truncated[key] for key in keys]
         messages = teacher_messages(batch[rollouts.group[r]], [text for text, _ in shown],
                                     [p.shown_success for p in peers], [rollouts.feedback[p.rollout] for p in peers],
                                     config)

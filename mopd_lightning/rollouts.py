@@ -62,8 +62,9 @@ class Rollouts:
         fields = ("prompt_ids", "response_ids", "response_text", "finished", "entropy", "sample_logp", "reward",
                   "success", "feedback")
         out = cls([], [], [], [], [])
+        groups = {id(rollouts): rollouts.groups for rollouts, _ in parts}
         for new_group, (rollouts, group) in enumerate(parts):
-            members = rollouts.groups[group]
+            members = groups[id(rollouts)][group]
             out.group += [new_group] * len(members)
             for name in fields:
                 values = getattr(rollouts, name)
