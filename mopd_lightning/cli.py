@@ -24,6 +24,7 @@ from .analysis import CONTEXT_VARIANTS, summarize, write_report
 from .config import ConfigError
 from .data import PromptDataModule
 from .data.example import DataError
+from .embedded_models import ChecksumMismatch
 from .execution import SandboxUnavailable
 from .module import MOPDModule
 from .preemption import CheckpointOnPreemption
@@ -56,6 +57,9 @@ class MOPDTrainer(Trainer):
         unknown = [v for v in variants if v not in CONTEXT_VARIANTS]
         if unknown:
             raise ConfigError(f"analyze.variants: unknown {unknown}; known: {', '.join(CONTEXT_VARIANTS)}")
+        repeated = sorted({v for v in variants if variants.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"analyze.variants: {repeated} given more than once")
         model.analysis_variants = variants
         started = time.perf_counter()
         batches = self.predict(model, datamodule=datamodule, ckpt_path=ckpt_path, return_predictions=True) or []
@@ -68,12 +72,21 @@ class MOPDTrainer(Trainer):
         if self.is_global_zero:
             meta = {"student": model.student_name, "ckpt_path": ckpt_path, "group_size": model.sampling.group_size,
                     "temperature": model.sampling.temperature, "max_new_tokens": model.sampling.max_new_tokens,
-                    "verifier": vars(model.verifier), "teacher": model.teacher_config.kind, "seed": model.seed,
-                    "wall_s": time.perf_counter() - started}
+                    "max_peer_tokens": model.peers.max_peer_tokens, "verifier": vars(model.verifier),
+                    "teacher": model.teacher_config.kind, "precision": str(self.precision), "seed": model.seed,
+                    "prompts": _prompt_source(datamodule), "wall_s": time.perf_counter() - started}
             folder = write_report(summary, records, os.path.join(self.default_root_dir, output_dir), meta)
             print((folder / "analysis.md").read_text())
             log.info("teacher-signal analysis written to %s", folder)
         return summary
+
+
+def _prompt_source(datamodule: Optional[PromptDataModule]) -> Optional[str]:
+    """Where the analysed prompts came from, for the report: ``data.val`` and ``data.num_val``."""
+    if datamodule is None:
+        return None
+    limit = datamodule.limits["validation"]
+    return f"{datamodule.val_source}" + (f" (num_val {limit})" if limit is not None else "")
 
 
 def default_loggers() -> list:
@@ -136,7 +149,7 @@ def main(args=None) -> None:
             save_config_kwargs={"overwrite": True},  # re-running in the same folder must not fail
             trainer_defaults={"logger": default_loggers(), "log_every_n_steps": 1, "num_sanity_val_steps": 0},
         )
-    except (ConfigError, DataError, SandboxUnavailable) as error:  # the user's to fix: one line, no traceback
+    except (ConfigError, DataError, SandboxUnavailable, ChecksumMismatch) as error:  # the user's to fix: one line, no traceback
         print(f"mopd: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

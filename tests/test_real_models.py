@@ -1,0 +1,71 @@
+"""The real path: the embedded students (SmolLM2-135M-Instruct, Qwen2.5-Coder-0.5B-Instruct) from their wheels, for
+one MOPD step each, and what only the Qwen model has (a default system turn, a 151,936-row untied head). Slow; CI
+runs them."""
+
+import pytest
+import torch
+
+from mopd_lightning import MOPDModule, PromptDataModule
+from mopd_lightning.config import OptimConfig, SamplingConfig
+from mopd_lightning.models import load_causal_lm, load_tokenizer
+from mopd_lightning.peers import teacher_messages
+from mopd_lightning.scoring import output_weight
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("student, domain", [("demo", "sci"), ("qwen-coder-0.5b", "code")])
+def test_one_step_on_an_embedded_model(student, domain):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from mopd_lightning.data.datamodule import PromptStream
+
+    data = PromptDataModule(domain=domain, batch_size=1 if domain == "code" else 2)
+    data.setup("fit")
+    module = MOPDModule(student=student, sampling=SamplingConfig(group_size=2, max_new_tokens=24),
+                        optim=OptimConfig(lr=1e-5))
+    module.setup("fit")
+    module.configure_model()
+    head = output_weight(module.student)
+    before = module.student.model.layers[0].mlp.up_proj.weight.detach().clone(), head.detach().clone()
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    stream = PromptStream(data.datasets["train"], data.batch_size, 0, True)
+    trainer.fit(module, train_dataloaders=DataLoader(stream, batch_size=None))
+    metrics = trainer.logged_metrics
+    assert torch.isfinite(metrics["train/loss"])
+    assert not torch.equal(before[0], module.student.model.layers[0].mlp.up_proj.weight)
+    if metrics["train/active_fraction"] > 0:  # a distillation signal reached the output head
+        assert not torch.equal(before[1], output_weight(module.student))
+    text = module.tokenizer.decode(module.render([{"role": "user", "content": "Hi"}]))
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_qwen_coder_has_its_own_untied_head_over_the_qwen_vocabulary():
+    model = load_causal_lm("qwen-coder-0.5b")
+    head, embedding = output_weight(model), model.get_input_embeddings().weight
+    assert head.shape == embedding.shape == (151936, 896)
+    assert head.data_ptr() != embedding.data_ptr() and not torch.equal(head, embedding)
+    assert len(load_tokenizer("qwen-coder-0.5b")) <= head.shape[0]
+
+
+def test_qwen_coder_system_turn_is_the_same_for_student_and_teacher():
+    """Qwen's template adds its default system turn when a prompt has none: the teacher context must get the same
+    one; a system prompt of the data's replaces it in both, once."""
+    tokenizer = load_tokenizer("qwen-coder-0.5b")
+    render = lambda messages: tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from mopd_lightning.config import PeerConfig
+
+    for system_prompt in (None, "Answer with code only."):
+        data = PromptDataModule(domain="code", system_prompt=system_prompt)
+        data.setup("validate")
+        example = data.datasets["validation"][0]
+        student = render(example.messages)
+        teacher = render(teacher_messages(example, ["def f(): pass"], [True], [None], PeerConfig()))
+        system = student[: student.index("<|im_start|>user")]
+        assert teacher.startswith(system) and teacher.count("<|im_start|>system") == 1
+        if system_prompt is None:
+            assert "You are Qwen, created by Alibaba Cloud" in system
+        else:
+            assert system == f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
