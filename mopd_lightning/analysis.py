@@ -323,22 +323,50 @@ def write_report(summary: Dict[str, Any], records: Sequence[Dict[str, Any]], out
     return folder
 
 
-def resummarize(report: str, output_dir: Optional[str] = None, samples: int = 2000) -> Path:
-    """Recompute the summary of a written ``analysis.json`` from its records (the same rollouts and scores), with
-    this version's metrics, and rewrite its report (in ``output_dir``, or beside it)."""
-    saved = json.loads(Path(report).read_text())
-    meta = saved["meta"]
-    summary = summarize(saved["records"], list(saved["summary"]["variants"]), samples, seed=meta.get("seed", 0))
-    return write_report(summary, saved["records"], output_dir or str(Path(report).parent), meta)
+SAME_SETTINGS = ("student", "group_size", "temperature", "max_new_tokens", "max_peer_tokens", "verifier", "teacher",
+                 "precision", "seed")
+"""Settings that reports must share to be summarised together (their rollouts come from the same sampler)."""
+
+
+def resummarize(reports: Sequence[str], output_dir: Optional[str] = None, samples: int = 2000) -> Path:
+    """Recompute the summary of written ``analysis.json`` files from their records (the same rollouts and scores),
+    with this version's metrics, and write one report (in ``output_dir``, or beside the first). Several reports (an
+    analysis run in parts: the validation split and held-out training prompts, or several jobs) are joined when
+    they share their settings and no prompt; the variants are those every report scored."""
+    reports = [reports] if isinstance(reports, (str, Path)) else list(reports)
+    saved = [json.loads(Path(report).read_text()) for report in reports]
+    meta = dict(saved[0]["meta"])
+    for report, other in zip(reports[1:], saved[1:]):
+        differ = [key for key in SAME_SETTINGS if other["meta"].get(key) != meta.get(key)]
+        if differ:
+            raise ValueError(f"{report}: its {', '.join(differ)} differ from {reports[0]}'s; reports are joined only "
+                             f"when their rollouts come from the same settings")
+    seen: Dict[str, str] = {}
+    for report, data in zip(reports, saved):
+        for prompt in {r["prompt"] for r in data["records"]}:
+            if prompt in seen:
+                raise ValueError(f"prompt {prompt} is in both {seen[prompt]} and {report}; a prompt counts once")
+            seen[prompt] = report
+    variants = [v for v in saved[0]["summary"]["variants"] if all(v in d["summary"]["variants"] for d in saved)]
+    records = [record for data in saved for record in data["records"]]
+    if len(saved) > 1:
+        meta["ckpt_path"] = [data["meta"].get("ckpt_path") for data in saved]
+        meta["wall_s"] = sum(data["meta"].get("wall_s", 0.0) for data in saved)
+        meta["joined"] = [str(report) for report in reports]
+    summary = summarize(records, variants, samples, seed=meta.get("seed", 0))
+    return write_report(summary, records, output_dir or str(Path(reports[0]).parent), meta)
 
 
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description=resummarize.__doc__.split(".")[0])
-    parser.add_argument("report", help="an analysis.json written by mopd analyze")
-    parser.add_argument("--output-dir", help="where to write the new report (default: beside the old one)")
+    parser.add_argument("reports", nargs="+", help="analysis.json files written by mopd analyze (several are joined)")
+    parser.add_argument("--output-dir", help="where to write the new report (default: beside the first one)")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the 95%% intervals")
     arguments = parser.parse_args()
-    print((resummarize(arguments.report, arguments.output_dir, arguments.bootstrap) / "analysis.md").read_text())
-
+    try:
+        folder = resummarize(arguments.reports, arguments.output_dir, arguments.bootstrap)
+    except ValueError as error:
+        parser.exit(2, f"error: {error}\n")
+    print((folder / "analysis.md").read_text())

@@ -147,9 +147,41 @@ def test_a_written_report_is_resummarized_from_its_records(tmp_path):
     del old["variants"]["good"]["top1_hit"]  # a report written before a metric existed
     (tmp_path / "analysis.json").write_text(json.dumps({"meta": {"student": "tiny"}, "summary": old,
                                                         "records": records}))
-    new = resummarize(str(tmp_path / "analysis.json"), str(tmp_path / "new"), samples=50)
+    new = resummarize([str(tmp_path / "analysis.json")], str(tmp_path / "new"), samples=50)
     saved = json.loads((new / "analysis.json").read_text())
     assert saved["summary"] == summarize(records, ["good", "bad"], samples=50)
     assert saved["records"] == records and saved["meta"]["student"] == "tiny"
     table = (new / "analysis.md").read_text()
     assert table.count("| good |") == 2 and "top-1 hit" in table  # one row in each of the two tables
+
+
+def _write(folder, records, variants, **meta):
+    folder.mkdir(parents=True)
+    path = folder / "analysis.json"
+    path.write_text(json.dumps({"meta": {"student": "tiny", "seed": 0, "wall_s": 10.0, **meta},
+                                "summary": summarize(records, variants, samples=20), "records": records}))
+    return str(path)
+
+
+def test_reports_of_an_analysis_run_in_parts_are_joined(tmp_path):
+    from mopd_lightning.analysis import resummarize
+
+    first = [record(f"val{p}", ok, -1.0, -0.5 if ok else -2.0) for p in range(3) for ok in (True, False)]
+    second = [record(f"train{p}", ok, -1.0, -2.0 if ok else -0.5) for p in range(2) for ok in (True, False)]
+    a = _write(tmp_path / "a", first, ["good", "bad", "partial"])
+    b = _write(tmp_path / "b", second, ["bad", "good"], wall_s=5.0)
+    joined = json.loads((resummarize([a, b], str(tmp_path / "both"), samples=50) / "analysis.json").read_text())
+    assert joined["summary"] == summarize(first + second, ["good", "bad"], samples=50)  # the variants both scored
+    assert joined["records"] == first + second and joined["summary"]["prompts"] == 5
+    assert joined["meta"]["wall_s"] == 15.0 and joined["meta"]["joined"] == [a, b]
+
+
+def test_reports_are_joined_only_with_the_same_settings_and_no_shared_prompt(tmp_path):
+    from mopd_lightning.analysis import resummarize
+
+    rows = [record("p0", True, -1.0, -0.5), record("p0", False, -1.0, -2.0)]
+    a = _write(tmp_path / "a", rows, ["good"], group_size=8)
+    with pytest.raises(ValueError, match="group_size differ"):
+        resummarize([a, _write(tmp_path / "b", [dict(r, prompt="p1") for r in rows], ["good"], group_size=4)])
+    with pytest.raises(ValueError, match="prompt p0 is in both"):
+        resummarize([a, _write(tmp_path / "c", rows, ["good"], group_size=8)])

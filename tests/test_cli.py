@@ -183,15 +183,19 @@ def test_analyze_writes_json_markdown_and_plot(tiny_model, tmp_path):
     assert list(report["summary"]["variants"]) == ["none", "1S1F", "swapped_labels"]
     assert report["summary"]["prompts"] == 4 and len(report["records"]) == report["summary"]["rollouts"] > 0
     assert (tmp_path / "report" / "analysis.png").stat().st_size > 0
-    assert "| none |" in (tmp_path / "report" / "analysis.md").read_text() and "| none |" in result.stdout
+    table = (tmp_path / "report" / "analysis.md").read_text()
+    for name in ("none", "1S1F", "swapped_labels"):  # one row in each of its two tables, none of the others
+        assert table.count(f"| {name} |") == 2 and result.stdout.count(f"| {name} |") == 2
+    assert "| 2S1F |" not in table and report["meta"]["prompts"] == "embedded (num_val 4)"
     for line in ("analysis batch: 1/2,", "analysis batch: 2/2,", "analysis: context swapped_labels scored (3 of 3"):
         assert line in result.stderr  # progress as log lines: the output is not a terminal
 
 
-def test_analyze_rejects_unknown_variants(tiny_model, tmp_path):
-    result = mopd("analyze", "--config", CONFIG, "--model.student", tiny_model, "--variants", "[3S]", cwd=tmp_path,
+@pytest.mark.parametrize("variants, error", [("[3S]", "unknown ['3S']"), ("[1S, 2S, 1S]", "['1S'] given more than once")])
+def test_analyze_rejects_unknown_or_repeated_variants(tiny_model, tmp_path, variants, error):
+    result = mopd("analyze", "--config", CONFIG, "--model.student", tiny_model, "--variants", variants, cwd=tmp_path,
                   check=False)
-    assert result.returncode != 0 and "analyze.variants" in result.stderr
+    assert result.returncode == 2 and f"mopd: error: analyze.variants: {error}" in result.stderr
 
 
 def test_logs_and_checkpoints_go_under_default_root_dir(tiny_model, tmp_path):
