@@ -10,6 +10,12 @@ gap (a context that raises the teacher's entropy pushes the student's entropy up
 correlation, Brier score, top-1 hit rate) are reported beside them, and the student-to-teacher gap per context,
 which is reported to predict the gain of self-distillation linearly.
 
+Two references keep a score above chance from being read as peer information. Any context moves the teacher away
+from the student most on the rollouts the student was least sure of (the score is minus a per-token KL on the
+student's own samples), and unsure rollouts fail more often: so the student's own mean log-prob, with no teacher, is
+reported with the same metrics. And each context's AUC is compared, prompt by prompt, with the label-blind controls
+(random_peer, swapped_labels): only a margin over them says the verified labels reached the teacher.
+
 Run it before spending GPU hours: ``mopd analyze --config configs/sci.yaml [--ckpt_path ...]``.
 """
 
@@ -203,24 +209,48 @@ def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0) 
 SEPARATION = ("auc", "pairwise_accuracy", "spearman", "kendall_gamma", "point_biserial", "brier", "top1_hit")
 """Metrics of how well the score separates a prompt's successes from its failures (prompts with both)."""
 
+LABEL_BLIND = ("random_peer", "swapped_labels")
+"""Controls that show the group's rollouts without their verified labels (random_peer) or against them
+(swapped_labels). A context whose AUC does not beat theirs, prompt by prompt, uses what the peers say, not whether
+they succeeded: the success-and-failure contrast MOPD is built on is not what moves its teacher."""
+
+
+def separation(scores: Sequence[float], rewards: Sequence[float], success: Sequence[bool]) -> Dict[str, float]:
+    """The separation metrics of one prompt's rollouts (it must hold both outcomes); undefined ones left out."""
+    positive = [v for v, ok in zip(scores, success) if ok]
+    negative = [v for v, ok in zip(scores, success) if not ok]
+    values = {"auc": auc(positive, negative), "pairwise_accuracy": pairwise_accuracy(scores, rewards),
+              "spearman": spearman(scores, rewards), "kendall_gamma": kendall_gamma(scores, rewards),
+              "point_biserial": point_biserial(scores, success), "brier": brier(scores, success),
+              "top1_hit": top1_hit(scores, success)}
+    return {key: value for key, value in values.items() if value is not None}  # a constant side: left out, not 0
+
 
 def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], samples: int = 2000,
               seed: int = 0) -> Dict[str, Any]:
-    """Per variant: the separation metrics over prompts with both outcomes; the score, the student-to-teacher gap
-    (student minus teacher mean log-prob on the student's own tokens: a per-token estimate of KL(student ||
-    teacher)) and the entropy gap over all prompts (each prompt's mean first, so every prompt weighs the same)."""
+    """Per variant: the separation metrics over prompts with both outcomes, and the AUC's paired difference to each
+    label-blind control scored beside it; the score, the student-to-teacher gap (student minus teacher mean log-prob
+    on the student's own tokens: a per-token estimate of KL(student || teacher)) and the entropy gap over all prompts
+    (each prompt's mean first, so every prompt weighs the same). Also the separation that the student's own mean
+    log-prob achieves with no teacher at all: the bar a teacher's score must clear to add anything."""
     prompts: Dict[str, List[Dict[str, Any]]] = {}
     for record in records:
         prompts.setdefault(record["prompt"], []).append(record)
+    mixed = {p: group for p, group in prompts.items() if len({r["success"] for r in group}) == 2}
     summary = {"prompts": len(prompts), "rollouts": len(records),
                "success_rate": sum(r["success"] for r in records) / max(len(records), 1),
-               "mixed_prompts": sum(len({r["success"] for r in group}) == 2 for group in prompts.values()),
-               "variants": {}}
+               "mixed_prompts": len(mixed), "variants": {}}
+    confidence = [separation([r["student_logp"] for r in group], [r["reward"] for r in group],
+                             [r["success"] for r in group]) for group in mixed.values()]
+    summary["student_confidence"] = {key: bootstrap_mean([c[key] for c in confidence if key in c], samples, seed)
+                                     for key in SEPARATION}
+    prompt_auc: Dict[str, Dict[str, float]] = {}
     for name in variants:
         per_prompt = {key: [] for key in SEPARATION + ("score", "gap", "entropy_gap", "success_score",
                                                          "failure_score")}
+        prompt_auc[name] = {}
         scored_rollouts = 0
-        for group in prompts.values():
+        for prompt, group in prompts.items():
             scored = [(r, r["teacher"][name]["logp"] - r["student_logp"],
                        r["teacher"][name]["entropy"] - r["student_entropy"]) for r in group if r["teacher"].get(name)]
             if not scored:
@@ -236,18 +266,20 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
             if negative:
                 per_prompt["failure_score"].append(sum(negative) / len(negative))
             if positive and negative:
-                scores = [s for _, s, _ in scored]
-                rewards, success = [r["reward"] for r, _, _ in scored], [r["success"] for r, _, _ in scored]
-                values = {"auc": auc(positive, negative), "pairwise_accuracy": pairwise_accuracy(scores, rewards),
-                          "spearman": spearman(scores, rewards), "kendall_gamma": kendall_gamma(scores, rewards),
-                          "point_biserial": point_biserial(scores, success), "brier": brier(scores, success),
-                          "top1_hit": top1_hit(scores, success)}
+                values = separation([s for _, s, _ in scored], [r["reward"] for r, _, _ in scored],
+                                    [r["success"] for r, _, _ in scored])
+                prompt_auc[name][prompt] = values["auc"]
                 for key, value in values.items():
-                    if value is not None:  # undefined on this prompt (a constant side): left out, not counted 0
-                        per_prompt[key].append(value)
+                    per_prompt[key].append(value)
         summary["variants"][name] = {"rollouts_scored": scored_rollouts}
         summary["variants"][name].update({key: bootstrap_mean(values, samples, seed)
                                           for key, values in per_prompt.items()})
+    for name in variants:
+        for control in LABEL_BLIND:
+            if control in prompt_auc and control != name:
+                both = [p for p in prompt_auc[name] if p in prompt_auc[control]]
+                summary["variants"][name][f"auc_minus_{control}"] = bootstrap_mean(
+                    [prompt_auc[name][p] - prompt_auc[control][p] for p in both], samples, seed)
     return summary
 
 
@@ -271,8 +303,20 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
              "gamma).", "",
              "| context | AUC | pairwise acc. | Spearman | Kendall (gamma) | point-biserial | Brier | top-1 hit |",
              "|---|---|---|---|---|---|---|---|"]
+    if "student_confidence" in summary:  # reports written before it existed lack it
+        lines.append("| *student's own log-prob (no teacher)* | "
+                     + " | ".join(_cell(summary["student_confidence"][key]) for key in SEPARATION) + " |")
     for name, stats in summary["variants"].items():
         lines.append(f"| {name} | " + " | ".join(_cell(stats[key]) for key in SEPARATION) + " |")
+    controls = [c for c in LABEL_BLIND if any(f"auc_minus_{c}" in stats for stats in summary["variants"].values())]
+    if controls:
+        lines += ["", "**Does the context use the labels?** Each context's AUC minus a label-blind control's, paired by "
+                  "prompt: random_peer shows rollouts of the group without their labels, swapped_labels against them. "
+                  "Near 0: what moves the teacher is the peers' content, not whether they succeeded.", "",
+                  "| context | " + " | ".join(f"AUC - {c}" for c in controls) + " |", "|---" * (len(controls) + 1) + "|"]
+        for name, stats in summary["variants"].items():
+            if name not in LABEL_BLIND:
+                lines.append(f"| {name} | " + " | ".join(_cell(stats[f"auc_minus_{c}"]) for c in controls) + " |")
     lines += ["", "**How far is the teacher from the student?** All prompts. Gap = student minus teacher mean "
               "log-prob on the student's tokens, a per-token estimate of KL(student || teacher) at these weights; "
               "entropy gap = teacher minus student mean entropy (nats).", "",
@@ -285,7 +329,8 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
 
 
 def plot_report(summary: Dict[str, Any], path: Path, title: str) -> None:
-    """AUC and entropy gap per context variant, with their intervals."""
+    """AUC and entropy gap per context variant, with their intervals; the AUC of the student's own log-prob as a
+    band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -301,6 +346,12 @@ def plot_report(summary: Dict[str, Any], path: Path, title: str) -> None:
         errors = [[stats[i]["mean"] - stats[i]["low"] for i in xs], [stats[i]["high"] - stats[i]["mean"] for i in xs]]
         ax.errorbar(xs, means, yerr=errors, fmt="o", capsize=4)
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
+        confidence = summary.get("student_confidence", {}).get(key)
+        if confidence and confidence["mean"] is not None:  # the bar a teacher's score must clear
+            ax.axhspan(confidence["low"], confidence["high"], color="tab:orange", alpha=0.15,
+                       label="student's own log-prob (95% interval)")
+            ax.axhline(confidence["mean"], color="tab:orange", linewidth=1)
+            ax.legend(fontsize=8, loc="lower left")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=40, ha="right")
         ax.set_ylabel(label)

@@ -155,6 +155,31 @@ def test_a_written_report_is_resummarized_from_its_records(tmp_path):
     assert table.count("| good |") == 2 and "top-1 hit" in table  # one row in each of the two tables
 
 
+def test_the_students_own_confidence_is_the_bar_a_context_must_clear():
+    """A teacher score that only echoes the student's confidence is no better than the student's log-prob alone;
+    the paired margin over a label-blind control says whether the labels mattered."""
+    records = []
+    for p in range(5):
+        for ok in (True, False, False):
+            student = -0.5 if ok else -1.5  # the student is surer of its successes
+            r = record(f"p{p}", ok, student, student - 0.25)
+            r["teacher"]["random_peer"] = {"logp": 2 * student, "entropy": 1.2}  # the same order: content only
+            r["teacher"]["swapped_labels"] = {"logp": student, "entropy": 1.2}  # a score of 0 for every rollout
+            records.append(r)
+    summary = summarize(records, ["good", "random_peer", "swapped_labels"], samples=100)
+    assert summary["student_confidence"]["auc"]["mean"] == 1.0 and summary["student_confidence"]["auc"]["n"] == 5
+    good = summary["variants"]["good"]
+    assert good["auc"]["mean"] == 0.5  # score = teacher - student: -0.25 for every rollout
+    assert good["auc_minus_random_peer"]["mean"] == pytest.approx(0.5 - 1.0)
+    assert good["auc_minus_swapped_labels"]["mean"] == pytest.approx(0.0)
+    assert summary["variants"]["random_peer"]["auc_minus_swapped_labels"]["mean"] == pytest.approx(0.5)
+    assert "auc_minus_random_peer" not in summary["variants"]["random_peer"]
+    from mopd_lightning.analysis import markdown_report
+
+    table = markdown_report(summary, "t")
+    assert "| *student's own log-prob (no teacher)* | 1.000" in table and "| AUC - random_peer | AUC - swapped_labels |" in table
+
+
 def _write(folder, records, variants, **meta):
     folder.mkdir(parents=True)
     path = folder / "analysis.json"
