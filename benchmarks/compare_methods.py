@@ -5,9 +5,11 @@
         [--extra "--model.optim.lr 1e-6"] [--variant "name=--model.peers.n_failure 0"]
 
 Every method trains from the same config (``--config``, as the README's main command runs it) with the same
-seeds, prompts and sampling budget, then answers the held-out test prompts: greedy accuracy and mean@k, under
-the strict verifier (what training optimises) and the lenient one (an answer without the format also counts),
-with bootstrap 95% intervals over prompts and the paired difference to the base model. A seed sets the
+seeds, prompts and sampling budget, then answers the held-out test prompts: greedy accuracy, mean@k and pass@k,
+under the strict verifier (what training optimises) and the lenient one (an answer without the format also counts;
+``--verifiers strict`` where the domain has no lenient reading, as code), with bootstrap 95% intervals over prompts
+and the paired difference to the base model. Evaluation runs under the trainer's precision (``--extra
+"--trainer.precision bf16-mixed"`` evaluates under bf16 autocast, as training ran). A seed sets the
 sampling and the embedded data alike (training and test prompts), so the base model is evaluated once per
 seed and differences are paired within a seed. Training curves come
 from the per-step logs. Each finished run is cached in ``<out>/runs/``; re-running skips it.
@@ -71,22 +73,29 @@ def build(config: str, seed: int, extra: List[str]):
     return cli.model, cli.datamodule, cli.trainer
 
 
+def metric_names(k: int, modes: List[str]) -> List[str]:
+    return [f"{kind}_{mode}" for mode in modes for kind in ("greedy", f"mean@{k}", f"pass@{k}")]
+
+
 @torch.no_grad()
-def evaluate(module: MOPDModule, examples, k: int, batch_size: int) -> Dict[str, List[float]]:
-    """Per prompt: greedy correctness and the mean over k sampled answers, strict and lenient verifier."""
+def evaluate(module: MOPDModule, trainer, examples, k: int, batch_size: int, modes: List[str]) -> Dict[str, List[float]]:
+    """Per prompt: greedy correctness, and the mean and the best (pass@k) over k sampled answers, under each verifier
+    mode; under the trainer's precision (autocast for bf16-mixed)."""
     module.eval()
-    out: Dict[str, List[float]] = {f"{kind}_{mode}": [] for kind in ("greedy", f"mean@{k}") for mode in ("strict",
-                                                                                                          "lenient")}
+    out: Dict[str, List[float]] = {name: [] for name in metric_names(k, modes)}
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         for kind, n, temperature in (("greedy", 1, 0.0), (f"mean@{k}", k, module.sampling.val_temperature)):
-            rollouts = module.sample(batch, "test", n, temperature)
-            for mode, strict in (("strict", True), ("lenient", False)):
-                scores = verify_batch(get_verifier(batch[0].verifier, strict), rollouts.response_text,
-                                      [batch[g].ground_truth for g in rollouts.group])
+            with trainer.precision_plugin.forward_context():
+                rollouts = module.sample(batch, "test", n, temperature)
+            for mode in modes:
+                scores = verify_batch(get_verifier(batch[0].verifier, mode == "strict", module.verifier.sandbox),
+                                      rollouts.response_text, [batch[g].ground_truth for g in rollouts.group])
                 success = [s.reward >= module.verifier.success_threshold for s in scores]
                 for p in range(len(batch)):
                     out[f"{kind}_{mode}"].append(sum(success[p * n:(p + 1) * n]) / n)
+                    if kind != "greedy":
+                        out[f"pass@{k}_{mode}"].append(float(any(success[p * n:(p + 1) * n])))
     module.train()
     return out
 
@@ -109,7 +118,7 @@ def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
     split = "test" if args.eval_split == "test" else "validation"
     data.setup("test" if split == "test" else "validate")
     examples = data.datasets[split][: args.eval_prompts]
-    evaluation = evaluate(module, examples, args.k, args.eval_batch_size)
+    evaluation = evaluate(module, trainer, examples, args.k, args.eval_batch_size, args.verifiers)
     return {"arm": arm, "seed": seed, "steps": steps, "settings": extra, "split": split, "train_s": train_s,
             "eval_s": time.perf_counter() - started - train_s, "curves": curves.rows,
             "prompts": [e.id for e in examples], "per_prompt": evaluation}
@@ -151,6 +160,7 @@ def _fmt(stat) -> str:
 
 def write(out: Path, runs, table, args, wall_s: float) -> None:
     k = args.k
+    metrics = [m for m in metric_names(k, args.verifiers) if any(m in row for row in table.values())]
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "config": args.config, "steps": args.steps,
             "seeds": args.seeds, "eval_prompts": args.eval_prompts, "k": k, "wall_s": wall_s,
             "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
@@ -161,14 +171,18 @@ def write(out: Path, runs, table, args, wall_s: float) -> None:
                                                   for a, r in {r['arm']: r for r in runs}.items()) + ".", "",
              f"Held-out {args.eval_split} prompts: {args.eval_prompts} per seed (each seed generates its own data); mean "
              f"over seeds at each prompt position, bootstrap 95% intervals over positions; `vs base` is the "
-             f"difference to the base model on the same prompts. Strict: only `<answer>X</answer>` counts; lenient: a bare "
-             f"letter counts too. Compute time {wall_s / 3600:.2f} h; command: "
-             f"`{meta['command']}`.", "",
-             f"| method | greedy (strict) | vs base | mean@{k} (strict) | vs base | greedy (lenient) | vs base | "
-             f"mean@{k} (lenient) | vs base | train s/seed |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"difference to the base model on the same prompts. "
+             + ("Strict: only the format the prompt asks for counts (`<answer>X</answer>`, `\\boxed{}`); lenient: a bare "
+                "answer counts too. " if "lenient" in args.verifiers else "")
+             + f"Compute time {wall_s / 3600:.2f} h; command: `{meta['command']}`.", "",
+             "| method | " + " | ".join(f"{name.replace('_', ' (')}) | vs base" for name in metrics) + " | train s/seed |",
+             "|---" * (2 * len(metrics) + 2) + "|"]
     for arm, row in table.items():
         cells = []
-        for metric in ("greedy_strict", f"mean@{k}_strict", "greedy_lenient", f"mean@{k}_lenient"):
+        for metric in metrics:
+            if metric not in row:  # a run cached before the metric existed
+                cells += ["n/a", "-"]
+                continue
             cells += [_fmt(row[metric]["value"]), _fmt(row[metric]["vs_base"]) if "vs_base" in row[metric] else "-"]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {row['train_s']:.0f} |")
     lines += ["", "Training, first step and mean of the last 5 steps over seeds (reward under each arm's own verifier; "
@@ -184,11 +198,11 @@ def write(out: Path, runs, table, args, wall_s: float) -> None:
             lines.append(f"| {arm} | {mean['train/reward']:.3f} | {start:.2f} | {mean['train/entropy']:.2f} | "
                          f"{mean['train/response_len']:.1f} | {mean['train/active_fraction']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(out.with_suffix(".png"), runs, table, k)
+    plot(out.with_suffix(".png"), runs, table, metrics)
     print("\n".join(lines))
 
 
-def plot(path: Path, runs, table, k: int) -> None:
+def plot(path: Path, runs, table, metrics: List[str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,9 +221,11 @@ def plot(path: Path, runs, table, k: int) -> None:
         ax.set_title(f"{key} (mean over seeds)")
         ax.legend(fontsize=8)
     arms = list(table)
-    metrics = ("greedy_strict", f"mean@{k}_strict", "greedy_lenient", f"mean@{k}_lenient")
-    for offset, metric in zip((-0.3, -0.1, 0.1, 0.3), metrics):
-        stats = [table[a][metric]["value"] for a in arms]
+    for m, metric in enumerate(metrics):
+        offset = 0.6 * (m / max(len(metrics) - 1, 1) - 0.5)
+        stats = [table[a][metric]["value"] for a in arms if metric in table[a]]
+        if len(stats) < len(arms):
+            continue
         axes[3].errorbar([i + offset for i in range(len(arms))], [s["mean"] for s in stats],
                          yerr=[[s["mean"] - s["low"] for s in stats], [s["high"] - s["mean"] for s in stats]],
                          fmt="o", capsize=3, label=metric)
@@ -234,6 +250,8 @@ def main() -> None:
     parser.add_argument("--eval-prompts", type=int, default=100)
     parser.add_argument("--eval-batch-size", type=int, default=25)
     parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--verifiers", nargs="+", choices=["strict", "lenient"], default=["strict", "lenient"],
+                        help="verifier modes to evaluate under (code and tool have only strict)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--teacher", default=None, help="teacher checkpoint for teacher_opd (default: the frozen "
                         "initial student)")

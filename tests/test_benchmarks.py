@@ -27,6 +27,9 @@ def test_compare_methods_writes_its_tables(tiny_model, tmp_path):
     assert all(r["prompts"] == base[r["seed"]] for r in report["runs"])  # differences are paired within a seed
     assert "vs_base" in report["table"]["grpo"]["greedy_strict"]
     assert all(r["split"] == "validation" and len(r["per_prompt"]["greedy_strict"]) == 4 for r in report["runs"])
+    for r in report["runs"]:  # pass@k: whether any of the k answers succeeded, so never below their mean
+        best, mean = r["per_prompt"]["pass@4_lenient"], r["per_prompt"]["mean@4_lenient"]
+        assert all(b in (0.0, 1.0) and b >= m and (b > 0) == (m > 0) for b, m in zip(best, mean))
     assert "vs base" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
     assert not (tmp_path / "config.yaml").exists()
 
