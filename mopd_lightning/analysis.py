@@ -401,7 +401,10 @@ def resummarize(reports: Sequence[str], output_dir: Optional[str] = None, sample
     variants = [v for v in saved[0]["summary"]["variants"] if all(v in d["summary"]["variants"] for d in saved)]
     records = [record for data in saved for record in data["records"]]
     if len(saved) > 1:
-        meta["ckpt_path"] = [data["meta"].get("ckpt_path") for data in saved]
+        for key in {key for data in saved for key in data["meta"]} - set(SAME_SETTINGS) - {"wall_s"}:
+            values = [data["meta"].get(key) for data in saved]
+            if any(value != values[0] for value in values):  # where the parts differ (prompts, checkpoint): each
+                meta[key] = values
         meta["wall_s"] = sum(data["meta"].get("wall_s", 0.0) for data in saved)
         meta["joined"] = [str(report) for report in reports]
     summary = summarize(records, variants, samples, seed=meta.get("seed", 0))

@@ -194,11 +194,12 @@ def test_reports_of_an_analysis_run_in_parts_are_joined(tmp_path):
     first = [record(f"val{p}", ok, -1.0, -0.5 if ok else -2.0) for p in range(3) for ok in (True, False)]
     second = [record(f"train{p}", ok, -1.0, -2.0 if ok else -0.5) for p in range(2) for ok in (True, False)]
     a = _write(tmp_path / "a", first, ["good", "bad", "partial"])
-    b = _write(tmp_path / "b", second, ["bad", "good"], wall_s=5.0)
+    b = _write(tmp_path / "b", second, ["bad", "good"], wall_s=5.0, prompts="holdout (num_val 2)")
     joined = json.loads((resummarize([a, b], str(tmp_path / "both"), samples=50) / "analysis.json").read_text())
     assert joined["summary"] == summarize(first + second, ["good", "bad"], samples=50)  # the variants both scored
     assert joined["records"] == first + second and joined["summary"]["prompts"] == 5
     assert joined["meta"]["wall_s"] == 15.0 and joined["meta"]["joined"] == [a, b]
+    assert joined["meta"]["prompts"] == [None, "holdout (num_val 2)"] and joined["meta"]["student"] == "tiny"
 
 
 def test_reports_are_joined_only_with_the_same_settings_and_no_shared_prompt(tmp_path):
