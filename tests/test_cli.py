@@ -184,8 +184,9 @@ def test_analyze_writes_json_markdown_and_plot(tiny_model, tmp_path):
     assert report["summary"]["prompts"] == 4 and len(report["records"]) == report["summary"]["rollouts"] > 0
     assert (tmp_path / "report" / "analysis.png").stat().st_size > 0
     table = (tmp_path / "report" / "analysis.md").read_text()
-    for name in ("none", "1S1F", "swapped_labels"):  # one row in each of its two tables, none of the others
-        assert table.count(f"| {name} |") == 2 and result.stdout.count(f"| {name} |") == 2
+    # one row in each table: separation, use of the labels (not the label-blind control itself) and gap
+    for name, tables in (("none", 3), ("1S1F", 3), ("swapped_labels", 2)):
+        assert table.count(f"| {name} |") == tables and result.stdout.count(f"| {name} |") == tables
     assert "| 2S1F |" not in table and report["meta"]["prompts"] == "embedded (num_val 4)"
     for line in ("analysis batch: 1/2,", "analysis batch: 2/2,", "analysis: context swapped_labels scored (3 of 3"):
         assert line in result.stderr  # progress as log lines: the output is not a terminal
