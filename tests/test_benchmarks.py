@@ -140,3 +140,18 @@ def test_a_failed_install_is_reported_and_no_stage_runs(tmp_path, monkeypatch):
     assert list(report["stages"]) == ["install"] and report["stages"]["install"]["wheels"]
     assert "No space left on device" in report["stages"]["install"]["error"]
     assert "## install: FAILED" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_the_side_by_side_leaves_a_report_with_too_few_mixed_prompts_undecided(tmp_path):
+    """The committed 0.5B science report has 2 prompts with both outcomes and a 2S1F interval of [0.86, 1.00]: that
+    must not read as a reason to train; the code report (28 prompts) decides, and says no."""
+    reports = [ROOT / "benchmarks" / "results" / f"analysis_{name}.json" for name in ("sci_qwen", "code_qwen")]
+    out = tmp_path / "side"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "analysis_side_by_side.py"), *map(str, reports),
+                             "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    columns = json.loads(out.with_suffix(".json").read_text())
+    rule = next(row for row in columns["analysis_sci_qwen"] if row.startswith("2S1F AUC interval above 0.5"))
+    assert columns["analysis_sci_qwen"][rule] == "undecided (2 prompts with both outcomes)"
+    assert columns["analysis_code_qwen"][rule] == "no"
+    assert columns["analysis_code_qwen"]["AUC, 2S1F"] == "0.60 [0.48, 0.71]"
