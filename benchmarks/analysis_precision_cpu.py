@@ -2,8 +2,8 @@
 
     python benchmarks/analysis_precision_cpu.py [--student qwen-coder-0.5b] [--domain code] [--prompts 2]
 
-`mopd analyze --trainer.precision bf16-mixed` runs the forward passes under CPU bf16 autocast (float32 weights), about
-2-3x faster on a CPU with AVX-512 BF16. Its rollouts are drawn once (under the same autocast), then every rollout is
+`mopd analyze --trainer.precision bf16-mixed` runs the forward passes under CPU bf16 autocast (float32 weights); this
+says how much faster that is and what it changes. Its rollouts are drawn once (under the same autocast), then every rollout is
 scored under each context variant in float32 and under autocast; the script reports, per variant, the largest and
 mean absolute difference of the scores (teacher minus student mean log-prob), the spread of the scores across
 rollouts for scale, the AUC of each, and the seconds each took. Writes
@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 
 from mopd_lightning import MOPDModule, PromptDataModule
-from mopd_lightning.analysis import summarize, teacher_signal_records
+from mopd_lightning.analysis import score, summarize, teacher_signal_records
 from mopd_lightning.config import PeerConfig, SamplingConfig
 
 
 def scores(records, variant):
-    return [r["teacher"][variant]["logp"] - r["student_logp"] for r in records if r["teacher"][variant]]
+    return [score(r, variant) for r in records if r["teacher"][variant]]
 
 
 def main() -> None:

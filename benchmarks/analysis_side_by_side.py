@@ -16,8 +16,9 @@ import argparse
 import json
 from pathlib import Path
 
-CONTEXTS = ("1S", "2S", "1F", "1S1F", "2S1F", "random_peer", "swapped_labels", "unrelated_prompt",
-            "success_only_matched")
+from mopd_lightning.analysis import CONTEXT_VARIANTS
+
+CONTEXTS = [name for name in CONTEXT_VARIANTS if name != "none"]
 DECIDING_PROMPTS = 20
 """Fewer prompts with both outcomes than this and an AUC interval decides nothing (at 2 prompts it can be [1, 1])."""
 

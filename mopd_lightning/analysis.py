@@ -215,6 +215,11 @@ LABEL_BLIND = ("random_peer", "swapped_labels")
 they succeeded: the success-and-failure contrast MOPD is built on is not what moves its teacher."""
 
 
+def score(record: Dict[str, Any], variant: str) -> float:
+    """A rollout's score under a context: teacher minus student mean log-prob on the rollout's own tokens."""
+    return record["teacher"][variant]["logp"] - record["student_logp"]
+
+
 def separation(scores: Sequence[float], rewards: Sequence[float], success: Sequence[bool]) -> Dict[str, float]:
     """The separation metrics of one prompt's rollouts (it must hold both outcomes); undefined ones left out."""
     positive = [v for v, ok in zip(scores, success) if ok]
@@ -251,8 +256,8 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
         prompt_auc[name] = {}
         scored_rollouts = 0
         for prompt, group in prompts.items():
-            scored = [(r, r["teacher"][name]["logp"] - r["student_logp"],
-                       r["teacher"][name]["entropy"] - r["student_entropy"]) for r in group if r["teacher"].get(name)]
+            scored = [(r, score(r, name), r["teacher"][name]["entropy"] - r["student_entropy"])
+                      for r in group if r["teacher"].get(name)]
             if not scored:
                 continue
             scored_rollouts += len(scored)
