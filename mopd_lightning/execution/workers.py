@@ -37,11 +37,7 @@ def default_workers() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _worker_env() -> dict:
-    """The environment for workers: ours, plus this checkout on PYTHONPATH only if a fresh interpreter lacks it.
-
-    (Adding the checkout unconditionally would also expose its ``kernels/`` folder as a top-level ``kernels``
-    package, a name transformers probes for.)
-    """
+    """The environment for workers: ours, plus this checkout on PYTHONPATH only if a fresh interpreter lacks it."""
     env = dict(os.environ)
     probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('mopd_lightning') is None)"
     if subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True).returncode != 0:
