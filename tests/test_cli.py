@@ -88,19 +88,36 @@ def test_ddp_on_two_processes_equals_one_process(tiny_model, tmp_path):
     torch.testing.assert_close(grad_norms(one), grad_norms(two), rtol=1e-4, atol=0)
 
 
-def test_torchrun_launch_equals_one_process(tiny_model, tmp_path):
-    """The multi-node launch path (torchrun sets the ranks; Lightning joins them, no launcher of its own)."""
+def top_level(folder):
+    return sorted(path.name for path in Path(folder).iterdir())
+
+
+def test_python_m_from_the_repository_root_trains(tiny_model, tmp_path):
+    """``python -m`` puts the root first on sys.path, where nothing may shadow a library (transformers imports
+    Hugging Face's ``kernels`` when a model loads); the run's files go under default_root_dir, not the checkout."""
+    before = top_level(ROOT)
+    mopd(*tiny_args(tiny_model, 1, "--trainer.default_root_dir", tmp_path), cwd=ROOT)
+    assert (tmp_path / "runs" / "csv" / "version_0" / "metrics.csv").exists()
+    assert top_level(ROOT) == before
+
+
+def test_torchrun_launch_from_the_repository_root_equals_one_process(tiny_model, tmp_path):
+    """The multi-node launch path as the README types it, from the root (torchrun sets the ranks; Lightning joins
+    them, no launcher of its own)."""
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
     common = ["--data.shuffle", "false", "--model.export_dir"]
     mopd(*tiny_args(tiny_model, 2, *common, one / "export"), cwd=one)
     args = tiny_args(tiny_model, 2, *common, two / "export", "--data.batch_size", "1", "--trainer.strategy", "ddp",
-                     "--trainer.devices", "2", "--trainer.num_nodes", "1", "--trainer.accelerator", "cpu")
+                     "--trainer.devices", "2", "--trainer.num_nodes", "1", "--trainer.accelerator", "cpu",
+                     "--trainer.default_root_dir", two)
+    before = top_level(ROOT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "mopd_lightning.cli", *map(str, args)], cwd=two, capture_output=True, text=True,
+                             "-m", "mopd_lightning.cli", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, PYTHONWARNINGS="ignore"), timeout=600)
     assert result.returncode == 0, result.stderr[-5000:]
     assert_same_update(tiny_model, one / "export", two / "export")
+    assert top_level(ROOT) == before
 
 
 FSDP_ON_TWO_CPUS = ["--trainer.strategy", "lightning.pytorch.strategies.ModelParallelStrategy",
