@@ -227,26 +227,34 @@ def test_logs_and_checkpoints_go_under_default_root_dir(tiny_model, tmp_path):
     assert list((tmp_path / "cwd").iterdir()) == []
 
 
-def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_model, tmp_path):
+@pytest.mark.parametrize("arrives", ["from outside, during a step", "after the step's hooks, as loggers write"])
+def test_sigterm_saves_a_checkpoint_and_resuming_equals_a_straight_run(tiny_model, tmp_path, arrives):
     import signal
     import time
 
     interrupted = tmp_path / "interrupted"
     interrupted.mkdir()
     args = [sys.executable, "-m", "mopd_lightning.cli", *map(str, tiny_args(tiny_model, 200))]
-    proc = subprocess.Popen(args, cwd=interrupted, env=dict(os.environ, PYTHONWARNINGS="ignore"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    from_outside = arrives.startswith("from outside")
+    if not from_outside:  # the signal lands where a test's or a scheduler's timing cannot aim: after our hook
+        args += ["--trainer.logger", "sigterm_logger.SigtermAfterTwoSteps", "--trainer.logger.save_dir", "runs",
+                 "--trainer.logger.name", "csv"]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).parent), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(args, cwd=interrupted, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
     metrics = interrupted / "runs" / "csv" / "version_0" / "metrics.csv"
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
+    while from_outside and time.monotonic() < deadline and proc.poll() is None:
         if metrics.exists() and metrics.read_text().count("\n") >= 3:  # header + two steps
             break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    if from_outside:
+        proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     checkpoint = interrupted / "runs" / "csv" / "version_0" / "checkpoints" / "preempted.ckpt"
-    assert checkpoint.exists() and "resume with --ckpt_path" in stderr
+    assert checkpoint.exists() and "resume with --ckpt_path" in stderr, stderr[-3000:]
     stopped_at = torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"]
     assert 2 <= stopped_at < 200
     total = stopped_at + 2
