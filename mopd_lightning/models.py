@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
 
 import torch
 
@@ -13,12 +15,41 @@ from .scoring import check_logits_are_linear
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def resolve_path(name_or_path: str) -> str:
+def resolve_path(name_or_path: str, setting: str = "model.student") -> str:
     """The name of an embedded model (``demo``, ``qwen-coder-0.5b``: fetched and converted once) becomes its cached
-    checkpoint's path; anything else (a hub id, a local folder) is kept."""
+    checkpoint's path; an existing folder or a hub id is kept; anything else is the user's typo, named by
+    ``setting``."""
     if name_or_path in EMBEDDED:
         return str(embedded_model_path(name_or_path))
+    if not os.path.isdir(name_or_path) and (os.path.exists(name_or_path) or not _is_hub_id(name_or_path)):
+        raise ConfigError(_not_a_model(name_or_path, setting, "no such folder"))
     return name_or_path
+
+
+def _is_hub_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _not_a_model(name: str, setting: str, why: str) -> str:
+    return (f"{setting}: {name!r} is neither an embedded model ({', '.join(EMBEDDED)}), an existing folder, nor a "
+            f"hub model reachable from here ({why})")
+
+
+@contextlib.contextmanager
+def _loading(name: str, setting: str):
+    """transformers says a hub id it cannot fetch (or a folder without a model) with an OSError and a traceback;
+    the user gets one line naming the setting."""
+    try:
+        yield
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(_not_a_model(name, setting, first_line)) from error
 
 
 def attention_implementation(requested: str = "auto") -> str:
@@ -30,10 +61,12 @@ def attention_implementation(requested: str = "auto") -> str:
     return "sdpa"
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, setting: str = "model.student"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_path(name_or_path))
+    path = resolve_path(name_or_path, setting)
+    with _loading(name_or_path, setting):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not getattr(tokenizer, "chat_template", None):
@@ -41,14 +74,16 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str = "auto"):
+def load_causal_lm(name_or_path: str, dtype: str = "float32", attn_implementation: str = "auto",
+                   setting: str = "model.student"):
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ConfigError(f"model.dtype is {dtype!r}; expected one of {sorted(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(
-        resolve_path(name_or_path), dtype=DTYPES[dtype], attn_implementation=attention_implementation(attn_implementation)
-    )
+    path = resolve_path(name_or_path, setting)
+    with _loading(name_or_path, setting):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=DTYPES[dtype], attn_implementation=attention_implementation(attn_implementation))
     head = model.get_output_embeddings()
     if getattr(head, "bias", None) is not None:
         raise ConfigError(f"{name_or_path!r}: output projections with a bias are not supported")

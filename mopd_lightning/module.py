@@ -141,7 +141,8 @@ class MOPDModule(pl.LightningModule):
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.student_name)
         if self.method.needs_teacher and self.teacher_config.kind == "external":
-            check_same_vocabulary(self.tokenizer, load_tokenizer(self.teacher_config.path), self.teacher_config.path)
+            check_same_vocabulary(self.tokenizer, load_tokenizer(self.teacher_config.path, "model.teacher.path"),
+                                  self.teacher_config.path)
 
     def configure_model(self) -> None:
         if self.student is not None:
@@ -154,8 +155,8 @@ class MOPDModule(pl.LightningModule):
         if self.gradient_checkpointing:
             self.student.gradient_checkpointing_enable()
         if kind is not None and (kind == "external" or not self.lora.enabled):  # with LoRA: adapters of the student
-            self.teacher = make_teacher(self.student, self.teacher_config,
-                                        lambda path: load_causal_lm(path, self.dtype_name, self.attn))
+            self.teacher = make_teacher(self.student, self.teacher_config, lambda path: load_causal_lm(
+                path, self.dtype_name, self.attn, setting="model.teacher.path"))
         if self.uses_reference and not self.lora.enabled:  # with LoRA: the student's base
             self.reference = make_teacher(self.student, TeacherConfig(kind="frozen"), None)
         if self.teacher is not None and self.teacher_config.kind == "external":

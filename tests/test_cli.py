@@ -309,6 +309,22 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(tiny_model, tmp_path):
     assert result.stderr.strip().splitlines()[-1] == "mopd: error: model.grpo.weight: is 2.0; must lie in [0, 1]"
 
 
+@pytest.mark.parametrize("setting,value,why", [
+    ("model.student", "/path/that/does/not/exist", "(no such folder)"),
+    ("model.student", "someorg/somemodel", "(We couldn't connect to 'https://huggingface.co'"),
+    ("model.teacher.path", "./not-a-checkpoint", "(no such folder)"),
+])
+def test_a_model_that_is_not_there_is_one_line_naming_the_setting(tiny_model, tmp_path, setting, value, why):
+    extra = ["--model.teacher.kind", "external"] if setting == "model.teacher.path" else []
+    result = subprocess.run([sys.executable, "-m", "mopd_lightning.cli", *map(str, tiny_args(tiny_model, 1, *extra)),
+                             f"--{setting}", value], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"mopd: error: {setting}: {value!r} is neither an embedded model (demo, qwen-coder-0.5b), "
+                           "an existing folder, nor a hub model reachable from here ") and why in line
+
+
 @pytest.mark.parametrize("content,message", [
     (b'{"type": "true_or_false", "question": "Is ice water?", "answer": "Yes"}\n{"question": oops}\n',
      "bad.jsonl:2: not valid JSON"),
