@@ -133,12 +133,16 @@ class MOPDCLI(LightningCLI):
 # a checkpoint is meant to hold the weights after the step.
 QUIET = [r".*module\(s\) in eval mode.*", r".*IterableDataset. has .__len__. defined.*",
          r".*your dataloader is not resumable.*", r".*no pre-optimization state was saved.*"]
+# Lightning's log lines that advertise a product rather than say something about the run.
+ADVERTS = "💡 Tip:"
 
 
 def main(args=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for pattern in QUIET:
         warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith(ADVERTS))
     try:
         MOPDCLI(
             MOPDModule,
