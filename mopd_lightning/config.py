@@ -97,13 +97,15 @@ class LoRAConfig:
 
 @dataclass
 class DynamicSamplingConfig:
-    """DAPO-style dynamic sampling: groups whose rollouts all succeed or all fail give GRPO no gradient and MOPD
-    no contrast, so further prompts are drawn until the step holds enough groups with both outcomes.
+    """DAPO-style dynamic sampling: a group whose rewards are all equal gives GRPO no gradient, and one without both a
+    success and a failure gives MOPD no contrast, so further prompts are drawn until the step holds enough groups
+    its method learns from.
 
     Attributes:
-        enabled: keep only groups with both a success and a failure, drawing extra prompts for the step.
-        min_groups: mixed groups a step aims for on each device; null = the batch's prompts (``data.batch_size``).
-        max_rounds: extra rounds of ``data.batch_size`` prompts at most; a step that ends short trains on the mixed
+        enabled: keep only the groups the method learns from (distillation: a success and a failure; GRPO: rewards
+            that differ, graded ones included; SFT: a success; a blend: any of its parts), drawing extra prompts.
+        min_groups: such groups a step aims for on each device; null = the batch's prompts (``data.batch_size``).
+        max_rounds: extra rounds of ``data.batch_size`` prompts at most; a step that ends short trains on the
             groups it found (on the batch as drawn when it found none), and the logs say so.
     """
 

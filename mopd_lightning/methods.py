@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import List, Literal, Tuple
+from typing import List, Literal, Sequence, Tuple
 
 from .config import ConfigError, GRPOConfig, LossConfig, PeerConfig, TeacherConfig
 from .objectives import ClippedPolicyGradient, Distillation, SuccessLikelihood
@@ -49,6 +49,10 @@ class Method:
     @property
     def needs_old_logp(self) -> bool:
         return any(objective.needs_old_logp for _, objective in self.objectives)
+
+    def learns_from(self, rewards: Sequence[float], success: Sequence[bool]) -> bool:
+        """Whether a group with these rewards gives any of the method's objectives a signal (dynamic sampling)."""
+        return any(objective.learns_from(rewards, success) for _, objective in self.objectives)
 
 
 def build_method(name: str, peers: PeerConfig, teacher: TeacherConfig, loss: LossConfig,

@@ -22,8 +22,8 @@ from .analysis import CONTEXT_VARIANTS, teacher_signal_records
 from .config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LoRAConfig, LossConfig, OptimConfig, PeerConfig,
                      SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
 from .data.example import Example
-from .dynamic_sampling import check_enough_prompts, keep_mixed_groups
-from .lora import TEACHER, add_lora, adapter, ema_update_adapter, save_adapter, save_merged
+from .dynamic_sampling import check_enough_prompts, keep_useful_groups
+from .lora import TEACHER, add_lora, adapter, ema_update_adapter, is_lora, save_adapter, save_merged
 from .loss import token_logprobs
 from .methods import MethodName, build_method
 from .metrics import PassAtK, training_metrics
@@ -241,7 +241,7 @@ class MOPDModule(pl.LightningModule):
             self.verify(batch, rollouts)
         drawn: Dict[str, float] = {}
         if self.dynamic_sampling.enabled:
-            batch, rollouts, drawn = keep_mixed_groups(self, batch, rollouts, self.dynamic_sampling, timer)
+            batch, rollouts, drawn = keep_useful_groups(self, batch, rollouts, self.dynamic_sampling, timer)
         with timer.phase("teacher"):
             signal = self.training_signal(batch, rollouts)
         with timer.phase("student"):

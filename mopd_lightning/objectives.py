@@ -5,7 +5,8 @@ normaliser, the non-finite skip, importance weights and the EMA update live ther
 
 - ``rows``: which rollouts it reads (``forward``) and whose tokens its mean runs over (``counted``; a GRPO
   rollout with zero advantage counts without needing a forward pass), and
-- ``loss_sum``: its summed token loss on one :class:`MicroBatch`.
+- ``loss_sum``: its summed token loss on one :class:`MicroBatch`;
+- ``learns_from``: whether a group with these rewards can teach it anything (dynamic sampling keeps such groups).
 
 The loop divides each objective's sum by its own global token count and weights the objectives, so a blend
 ``lambda * GRPO + (1 - lambda) * distillation`` is two token means, each exactly as in its pure method.
@@ -100,6 +101,11 @@ class Distillation:
         active = [r for r, context in enumerate(signal.contexts) if context.active]
         return active, active
 
+    @staticmethod
+    def learns_from(rewards: Sequence[float], success: Sequence[bool]) -> bool:
+        """The contrast MOPD is built on: a success and a failure to show."""
+        return len(set(success)) == 2
+
     def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
         teacher_hidden = torch.cat([signal.teacher_hidden[r] for r in batch.rows])
         if batch.old_logp is None:
@@ -138,6 +144,11 @@ class ClippedPolicyGradient:
     def __init__(self, config: GRPOConfig):
         self.config = config
 
+    @staticmethod
+    def learns_from(rewards: Sequence[float], success: Sequence[bool]) -> bool:
+        """Rewards that differ give non-zero advantages, graded ones ([0, .2, .4, 0]) included (DAPO's filter)."""
+        return len(set(rewards)) > 1
+
     def rows(self, rollouts: Rollouts, signal: TrainingSignal) -> Tuple[List[int], List[int]]:
         every = list(range(len(rollouts)))
         if self.config.kl_coef > 0:
@@ -161,6 +172,10 @@ class SuccessLikelihood:
     name = "sft"
     needs_teacher = False
     needs_old_logp = False
+
+    @staticmethod
+    def learns_from(rewards: Sequence[float], success: Sequence[bool]) -> bool:
+        return any(success)
 
     def rows(self, rollouts: Rollouts, signal: TrainingSignal) -> Tuple[List[int], List[int]]:
         successes = [r for r, ok in enumerate(rollouts.success) if ok]

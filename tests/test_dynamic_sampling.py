@@ -1,5 +1,5 @@
-"""Dynamic sampling: only groups with both outcomes are trained on; extra prompts are drawn per rank, from the seed,
-so runs, ranks and resumed runs draw the same."""
+"""Dynamic sampling: only groups the method learns from are trained on (distillation: both outcomes; GRPO: rewards
+that differ); extra prompts are drawn per rank, from the seed, so runs, ranks and resumed runs draw the same."""
 
 from types import SimpleNamespace
 
@@ -8,10 +8,12 @@ import pytest
 import torch
 
 from mopd_lightning import MOPDModule
-from mopd_lightning.config import ConfigError, DynamicSamplingConfig, OptimConfig, SamplingConfig
+from mopd_lightning.config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LossConfig, OptimConfig, PeerConfig,
+                                   SamplingConfig, TeacherConfig)
 from mopd_lightning.data.datamodule import PromptDataModule
 from mopd_lightning.data.example import Example
-from mopd_lightning.dynamic_sampling import check_enough_prompts, keep_mixed_groups
+from mopd_lightning.dynamic_sampling import check_enough_prompts, keep_useful_groups
+from mopd_lightning.methods import build_method
 from mopd_lightning.rewards import Score
 from mopd_lightning.rollouts import Rollouts
 from mopd_lightning.timing import PhaseTimer
@@ -32,10 +34,11 @@ def datamodule(train, batch_size=2, rank=None):
 
 
 class ScriptedModule:
-    """What ``keep_mixed_groups`` uses of the module: rollouts whose rewards are scripted per prompt."""
+    """What ``keep_useful_groups`` uses of the module: rollouts whose rewards are scripted per prompt."""
 
-    def __init__(self, outcomes, data, group_size=2):
+    def __init__(self, outcomes, data, group_size=2, method="mopd", grpo_weight=0.0):
         self.outcomes, self.seed, self.rollout_batches = outcomes, 0, 7
+        self.method = build_method(method, PeerConfig(), TeacherConfig(), LossConfig(), GRPOConfig(weight=grpo_weight))
         self.sampling = SamplingConfig(group_size=group_size)
         self.trainer = SimpleNamespace(datamodule=data)
         self.sampled = []
@@ -78,7 +81,7 @@ def test_only_groups_with_both_outcomes_are_kept_drawing_extra_prompts():
     train = prompts(12)
     module = ScriptedModule(scripted(), datamodule(train))
     batch = [train[0], train[1]]  # one mixed group
-    kept, rollouts, stats = keep_mixed_groups(module, batch, module_sample(module, batch),
+    kept, rollouts, stats = keep_useful_groups(module, batch, module_sample(module, batch),
                                               DynamicSamplingConfig(enabled=True, max_rounds=10), PhaseTimer())
     assert len(kept) == 2 and {e.id for e in kept} <= {f"p{i}" for i in MIXED}
     assert kept[0].id == "p1"  # the batch's own mixed group first, then in drawing order
@@ -95,15 +98,35 @@ def test_a_step_that_runs_out_of_rounds_trains_on_what_it_found_or_on_its_batch(
     train = prompts(12)
     module = ScriptedModule(scripted(), datamodule(train))
     config = DynamicSamplingConfig(enabled=True, max_rounds=0)
-    kept, rollouts, stats = keep_mixed_groups(module, train[:2], module_sample(module, train[:2]), config,
+    kept, rollouts, stats = keep_useful_groups(module, train[:2], module_sample(module, train[:2]), config,
                                               PhaseTimer())
     assert [e.id for e in kept] == ["p1"] and len(rollouts) == 2
     assert stats["dynamic_short"] == 1.0 and stats["dynamic_groups_dropped"] == 1.0
     batch = [train[0], train[3]]  # neither mixed
     first = module_sample(module, batch)
-    kept, rollouts, stats = keep_mixed_groups(module, batch, first, config, PhaseTimer())
+    kept, rollouts, stats = keep_useful_groups(module, batch, first, config, PhaseTimer())
     assert kept == batch and rollouts is first
     assert stats["dynamic_short"] == 1.0 and stats["dynamic_groups_kept"] == 2.0
+
+
+GRADED = {"spread, no success": [0.0, 0.2, 0.4, 0.0], "spread, all succeed": [0.5, 1.0, 0.75, 1.0],
+          "both outcomes": [1.0, 0.0, 0.0, 0.0], "all fail alike": [0.0] * 4, "all succeed alike": [1.0] * 4}
+
+
+@pytest.mark.parametrize("method,grpo_weight,kept", [
+    ("grpo", 0.0, ["spread, no success", "spread, all succeed", "both outcomes"]),
+    ("mopd", 0.0, ["both outcomes"]),
+    ("mopd", 0.5, ["spread, no success", "spread, all succeed", "both outcomes"]),  # the blend's GRPO part
+    ("sft_success", 0.0, ["spread, all succeed", "both outcomes", "all succeed alike"]),
+])
+def test_each_method_keeps_the_groups_it_learns_from(method, grpo_weight, kept):
+    """Graded rewards (code's share of tests passed) give GRPO non-zero advantages without a success and a failure;
+    distillation needs both outcomes to show; SFT a success."""
+    train = [Example(name, [{"role": "user", "content": name}], "", "scripted") for name in GRADED]
+    module = ScriptedModule(GRADED, datamodule(train), group_size=4, method=method, grpo_weight=grpo_weight)
+    batch, _, stats = keep_useful_groups(module, train, module_sample(module, train),
+                                         DynamicSamplingConfig(enabled=True, max_rounds=0), PhaseTimer())
+    assert [e.id for e in batch] == kept and stats["dynamic_groups_kept"] == len(kept)
 
 
 def module_sample(module, batch):
