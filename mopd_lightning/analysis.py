@@ -88,8 +88,9 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
     pad, budget, packed = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch, module.optim.packed
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
-    student = _mean_logp_and_entropy(score_rollouts(module.student, plain, lengths, pad, budget, packed),
-                                     output_weight(module.student), rollouts.response_ids)
+    with module.run_as(module.roles.student) as model:
+        student = _mean_logp_and_entropy(score_rollouts(model, plain, lengths, pad, budget, packed),
+                                         output_weight(model), rollouts.response_ids)
     per_variant = {}
     for name in variants:
         contexts = build_teacher_contexts(batch, rollouts, module.tokenizer, variant_peers(module.peers, name),

@@ -6,10 +6,13 @@ into ``mopd fit --help``. Paper values are noted where they differ from the CPU-
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields
 from typing import List, Literal, Optional, Union
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -74,12 +77,13 @@ class LoRAConfig:
     own.
 
     Attributes:
-        enabled: train LoRA adapters instead of every weight.
+        enabled: train LoRA adapters instead of every weight. The other settings do not turn LoRA on: set while
+            it is off, they are named in a warning and every weight trains.
         rank: r, the adapters' inner dimension.
         alpha: scaling numerator: an adapter adds ``alpha / rank * B @ A``.
         dropout: dropout on the adapters' inputs while training.
         target_modules: ``all-linear`` (every linear layer but the output head) or a list of module names
-            (``[q_proj, v_proj]``).
+            (``[q_proj, v_proj]``); the output head and the embeddings are refused.
     """
 
     enabled: bool = False
@@ -93,6 +97,11 @@ class LoRAConfig:
         _require(self.alpha > 0, "model.lora.alpha", "must be positive")
         _require(0 <= self.dropout < 1, "model.lora.dropout", "must lie in [0, 1)")
         _require(bool(self.target_modules), "model.lora.target_modules", "must name modules, or be all-linear")
+        changed = [f"model.lora.{f.name}" for f in fields(self)
+                   if f.name != "enabled" and getattr(self, f.name) != f.default]
+        if changed and not self.enabled:
+            log.warning("%s set but model.lora.enabled is false: LoRA is off and every weight trains (set "
+                        "model.lora.enabled: true to train adapters)", ", ".join(changed))
 
 
 @dataclass

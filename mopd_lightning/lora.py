@@ -16,7 +16,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from .config import LoRAConfig
+from .config import ConfigError, LoRAConfig
 
 STUDENT, TEACHER = "default", "teacher"
 
@@ -38,12 +38,27 @@ def add_lora(model, config: LoRAConfig, teacher_adapter: bool, seed: int) -> Non
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         inject_adapter_in_model(adapter_config(), model, adapter_name=STUDENT)
+    _refuse_head_and_embeddings(model, config)
     if teacher_adapter:
         inject_adapter_in_model(adapter_config(), model, adapter_name=TEACHER)
         with torch.no_grad():
             for teacher, student in adapter_pairs(model):
                 teacher.copy_(student)
     _train_student_adapter(model)
+
+
+def _refuse_head_and_embeddings(model, config: LoRAConfig) -> None:
+    """Adapters on the output head or the embeddings would train nothing (the loss reads the base head's weight)
+    or go unseen (the EMA teacher, the merged export and the vLLM sync know the linear layers' adapters only)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    reached = [name for name, module in (("output head", model.get_output_embeddings()),
+                                         ("embeddings", model.get_input_embeddings()))
+               if isinstance(module, BaseTunerLayer)]
+    if reached:
+        raise ConfigError(f"model.lora.target_modules: {config.target_modules!r} puts adapters on the "
+                          f"{' and '.join(reached)}, which are not supported; name linear layers of the decoder "
+                          "(q_proj, v_proj, ...) or use all-linear, which leaves the head out")
 
 
 def _lora_layers(model):

@@ -9,6 +9,7 @@ The update loop here is shared by every method.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import random
@@ -30,12 +31,13 @@ from .metrics import PassAtK, training_metrics
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer, resolve_path
 from .objectives import TrainingSignal, group_advantages
 from .peers import build_teacher_contexts
+from .roles import Weights, resolve_roles
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
 from .sampling import sample_groups, stable_seed, stop_token_ids
 from .scoring import output_weight, score_rollouts
 from .sharding import is_sharded, reshard, shard_model
-from .teacher import ema_update, make_teacher, trust_region
+from .teacher import ema_update, frozen, trust_region
 from .timing import PhaseTimer
 from .update import StudentUpdate
 from .vllm_engine import VLLMEngine, WeightTracker
@@ -108,9 +110,11 @@ class MOPDModule(pl.LightningModule):
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
         self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
+        self.roles = resolve_roles(self.teacher_config.kind, lora.enabled, self.method.needs_teacher,
+                                   self.uses_reference)  # which weights every pass runs with (roles.py)
         self.student: Optional[torch.nn.Module] = None
-        self.teacher: Optional[torch.nn.Module] = None  # None: the live student teaches (or no teacher at all)
-        self.reference: Optional[torch.nn.Module] = None  # the initial student, for GRPO's KL term
+        self.teacher: Optional[torch.nn.Module] = None  # the EMA copy or the external teacher, when a model of its own
+        self.initial: Optional[torch.nn.Module] = None  # the frozen initial student, when a model of its own
         self.tokenizer = None
         self.rollout_batches = 0  # batches of rollouts trained on; keys the sampling seeds
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient
@@ -140,7 +144,7 @@ class MOPDModule(pl.LightningModule):
                                  self._trainer.world_size)
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.student_name)
-        if self.method.needs_teacher and self.teacher_config.kind == "external":
+        if "external" in self.roles.copies:
             check_same_vocabulary(self.tokenizer, load_tokenizer(self.teacher_config.path, "model.teacher.path"),
                                   self.teacher_config.path)
 
@@ -148,30 +152,31 @@ class MOPDModule(pl.LightningModule):
         if self.student is not None:
             return
         self.student = load_causal_lm(self.student_name, self.dtype_name, self.attn).train()
-        kind = self.teacher_config.kind if self.method.needs_teacher else None
         if self.lora.enabled:
-            add_lora(self.student, self.lora, teacher_adapter=kind == "ema",
+            add_lora(self.student, self.lora, teacher_adapter=Weights("student", TEACHER) in self.roles.teacher,
                      seed=stable_seed(self.seed, "lora") % 2**32)
-        if self.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable()
-        if kind is not None and (kind == "external" or not self.lora.enabled):  # with LoRA: adapters of the student
-            self.teacher = make_teacher(self.student, self.teacher_config, lambda path: load_causal_lm(
-                path, self.dtype_name, self.attn, setting="model.teacher.path"))
-        if self.uses_reference and not self.lora.enabled:  # with LoRA: the student's base
-            self.reference = make_teacher(self.student, TeacherConfig(kind="frozen"), None)
-        if self.teacher is not None and self.teacher_config.kind == "external":
+        copies = self.roles.copies  # with LoRA only an external teacher: the other roles are adapters of the student
+        if "initial" in copies:
+            self.initial = frozen(copy.deepcopy(self.student))
+        if "ema" in copies:
+            self.teacher = frozen(copy.deepcopy(self.student))
+        if "external" in copies:
+            self.teacher = frozen(load_causal_lm(self.teacher_config.path, self.dtype_name, self.attn,
+                                                 setting="model.teacher.path"))
             rows = output_weight(self.student).shape[0], output_weight(self.teacher).shape[0]
             if rows[0] != rows[1]:
                 raise ConfigError(f"model.teacher.path: {self.teacher_config.path!r} has an output vocabulary of "
                                   f"{rows[1]} rows, the student {rows[0]}")
+        if self.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable()
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2, every model sharded the same way
-            if self.method.needs_teacher and self.teacher_config.kind == "trust_region":
+            if self.roles.teacher_kind == "trust_region":
                 raise ConfigError("model.teacher.kind: trust_region is not supported with FSDP yet (it joins the "
                                   "initial model's and the student's output heads); use ema or frozen")
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ConfigError("trainer.strategy: tensor parallelism is not supported; set "
                                   "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
-            for model in (self.student, self.teacher, self.reference):
+            for model in (self.student, self.teacher, self.initial):
                 if model is not None:
                     shard_model(model, self.device_mesh["data_parallel"])
 
@@ -180,22 +185,33 @@ class MOPDModule(pl.LightningModule):
         """Whether GRPO's KL term needs the initial student's log-probabilities."""
         return self.method.needs_advantages and self.grpo.kl_coef > 0
 
-    def as_teacher(self):
-        """A context in which the teacher model runs: a model of its own, the student, or (LoRA) the student's base
-        switched to the teacher's adapter, or with adapters off for a frozen teacher."""
-        if not self.lora.enabled or self.teacher_config.kind in ("self", "external"):
-            return contextlib.nullcontext(self.student if self.teacher is None else self.teacher)
-        return adapter(self.student, TEACHER if self.teacher_config.kind == "ema" else None)
+    def model_of(self, weights: Weights) -> torch.nn.Module:
+        return {"student": self.student, "ema": self.teacher, "external": self.teacher,
+                "initial": self.initial}[weights.module]
 
-    def as_initial(self):
-        """A context in which the initial student runs (trust region, GRPO's reference)."""
-        if self.lora.enabled:
-            return adapter(self.student, None)
-        return contextlib.nullcontext(self.teacher if self.teacher_config.kind == "trust_region" else self.reference)
+    @contextlib.contextmanager
+    def run_as(self, weights: Weights):
+        """The model that holds ``weights``, in eval mode (no dropout, LoRA's included: a pass that only reads, such
+        as sampling or a teacher's, is deterministic), with its LoRA adapter switched; as it was afterwards."""
+        model = self.model_of(weights)
+        training = model.training
+        model.eval()
+        try:
+            with adapter(model, weights.adapter) if is_lora(model) else contextlib.nullcontext(model):
+                yield model
+        finally:
+            model.train(training)
+
+    def head_changes(self, weights: Weights) -> bool:
+        """Whether the output head of ``weights`` moves (the student's, the EMA copy's) or is freed (sharded, by a
+        reshard) between the updates of one batch; a LoRA student's head is its frozen base head."""
+        model = self.model_of(weights)
+        moves = weights.module == "ema" or (weights.module == "student" and not self.lora.enabled)
+        return moves or is_sharded(model)
 
     def update_teacher(self) -> None:
         """After an optimizer step: the EMA teacher follows the student (the adapter only, with LoRA)."""
-        if self.teacher_config.kind != "ema" or not self.method.needs_teacher:
+        if self.roles.teacher_kind != "ema":
             return
         reshard(self.teacher, self.student)
         if self.lora.enabled:
@@ -206,16 +222,20 @@ class MOPDModule(pl.LightningModule):
     def score_teacher(self, sequences: Dict[int, List[int]], lengths: Dict[int, int]
                       ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor]:
         """The teacher's final hidden states on the response positions of ``sequences``, and the head that turns
-        them into its logits."""
+        them into its logits (a copy where the head would change before the batch's last update)."""
         options = (lengths, self.tokenizer.pad_token_id, self.optim.max_tokens_per_micro_batch, self.optim.packed,
                    self.forwards)
-        if self.teacher_config.kind == "trust_region":
-            with self.as_initial() as initial:
-                initial_hidden, initial_head = score_rollouts(initial, sequences, *options), output_weight(initial)
-            return trust_region(initial_hidden, score_rollouts(self.student, sequences, *options), initial_head,
-                                output_weight(self.student), self.teacher_config.mix)
-        with self.as_teacher() as teacher:
-            return score_rollouts(teacher, sequences, *options), output_weight(teacher).detach()
+        parts = []
+        for weights in self.roles.teacher:
+            with self.run_as(weights) as model:
+                parts.append((score_rollouts(model, sequences, *options), output_weight(model).detach()))
+        if len(parts) == 2:  # trust region: a new head, or the one frozen base head both sides share (LoRA)
+            (initial_hidden, initial_head), (live_hidden, live_head) = parts
+            return trust_region(initial_hidden, live_hidden, initial_head, live_head, self.teacher_config.mix)
+        hidden, head = parts[0]
+        if self.optim.updates_per_batch > 1 and self.head_changes(self.roles.teacher[0]):
+            head = head.clone()
+        return hidden, head
 
     def configure_optimizers(self):
         params = [p for p in self.student.parameters() if p.requires_grad]
@@ -246,6 +266,7 @@ class MOPDModule(pl.LightningModule):
             signal = self.training_signal(batch, rollouts)
         with timer.phase("student"):
             stats = self.update_student(rollouts, signal)
+        reshard(self.teacher, self.initial)  # a frozen or external teacher, the reference: gathered until here
         stats.update({f"engine_sync_{key}": value for key, value in synced.items()})
         stats.update(drawn)
         self.rollout_batches += 1
@@ -264,8 +285,9 @@ class MOPDModule(pl.LightningModule):
         if self.sampling.backend == "vllm":
             self.sync_engine()
             return self.engine.sample(prompts, group_size, seeds, *options)
-        return sample_groups(self.student, self.tokenizer, prompts, group_size, seeds, *options,
-                             synced=self._sharded_ranks())
+        with self.run_as(self.roles.student) as student:
+            return sample_groups(student, self.tokenizer, prompts, group_size, seeds, *options,
+                                 synced=self._sharded_ranks())
 
     def sync_engine(self) -> Dict[str, float]:
         """Create the vLLM engine on first use and hand it the layers of the student that changed since."""
@@ -305,16 +327,12 @@ class MOPDModule(pl.LightningModule):
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
-            signal.teacher_hidden, head = self.score_teacher(sequences, lengths)
-            # The head the batch was scored with: with several updates per batch the live one moves (EMA, or the
-            # student itself) and a sharded one is freed by resharding, so those updates get a copy.
-            live = self.teacher_config.kind != "trust_region"  # whose head is already a new tensor
-            signal.teacher_weight = head.clone() if live and self.optim.updates_per_batch > 1 else head
+            signal.teacher_hidden, signal.teacher_weight = self.score_teacher(sequences, lengths)
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.uses_reference:
             sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
-            with self.as_initial() as reference:
+            with self.run_as(self.roles.initial) as reference:
                 hidden = score_rollouts(reference, sequences, lengths, pad, max_tokens, packed, self.forwards)
                 weight = output_weight(reference)
             signal.reference_logp = {
@@ -398,6 +416,7 @@ class MOPDModule(pl.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
+        _rename_frozen_copy(checkpoint.get("state_dict", {}), self.roles.teacher_kind)
         state = checkpoint.get("mopd", {})
         self.rollout_batches = state.get("rollout_batches", 0)
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -434,3 +453,17 @@ class MOPDModule(pl.LightningModule):
                 self.student.save_pretrained(path, state_dict=state)
             self.tokenizer.save_pretrained(path)
             log.info("exported the student to %s", path)
+
+
+def _rename_frozen_copy(state: Dict[str, torch.Tensor], teacher_kind: str) -> None:
+    """Checkpoints written before ``roles.py`` kept the frozen initial student as ``teacher`` (frozen, trust region)
+    and as ``reference`` (GRPO's KL term); it is ``initial`` now, one copy for all three."""
+    if any(key.startswith("initial.") for key in state):
+        return
+    old = "teacher." if teacher_kind in ("frozen", "trust_region") else "reference."
+    for key in [key for key in state if key.startswith(("teacher.", "reference."))]:
+        value = state.pop(key)
+        if key.startswith(old):
+            state["initial." + key[len(old):]] = value
+        elif key.startswith("teacher."):
+            state[key] = value

@@ -1,24 +1,17 @@
-"""The teacher that scores rollouts under peer contexts: an EMA copy, the live student, a frozen copy, a trust
-region between the initial model and the live student, or an external checkpoint."""
+"""The teacher's arithmetic: frozen copies, the EMA step, and the trust region's mixture of the initial model and the
+live student (which weights play the teacher is decided in ``roles.py``)."""
 
 from __future__ import annotations
 
-import copy
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 
-from .config import TeacherConfig
 
-
-def make_teacher(student: torch.nn.Module, config: TeacherConfig, load_external) -> Optional[torch.nn.Module]:
-    """A separate teacher module (for ``trust_region``, the initial model it mixes with the student), or None when the
-    teacher is the live student (``self``)."""
-    if config.kind == "self":
-        return None
-    teacher = load_external(config.path) if config.kind == "external" else copy.deepcopy(student)
-    teacher.requires_grad_(False)
-    return teacher.eval()
+def frozen(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` as a teacher: no gradients, eval mode (no dropout)."""
+    model.requires_grad_(False)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -35,6 +28,9 @@ def trust_region(initial_hidden: Dict[int, torch.Tensor], student_hidden: Dict[i
                  ) -> Tuple[Dict[int, torch.Tensor], torch.Tensor]:
     """Hidden states and head whose logits are ``(1 - mix) * initial + mix * student``: both models' hidden states
     side by side (scaled) against both heads side by side, so that every loss path, the fused one included, reads
-    the mixture as it reads any teacher. The head is a new tensor: later updates do not move it."""
+    the mixture as it reads any teacher. The head is a new tensor: later updates do not move it. Where both sides
+    share one head (a LoRA student's frozen base head), the mixture is that of the hidden states, on that head."""
+    if initial_head.shape == student_head.shape and initial_head.data_ptr() == student_head.data_ptr():
+        return {r: (1 - mix) * h + mix * student_hidden[r].to(h.dtype) for r, h in initial_hidden.items()}, initial_head
     hidden = {r: torch.cat([(1 - mix) * h, mix * student_hidden[r].to(h.dtype)], -1) for r, h in initial_hidden.items()}
     return hidden, torch.cat([initial_head.detach(), student_head.detach().to(initial_head.dtype)], -1)

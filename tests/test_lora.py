@@ -13,6 +13,7 @@ from mopd_lightning.config import (ConfigError, GRPOConfig, LoRAConfig, OptimCon
                                    TeacherConfig)
 from mopd_lightning.data.datamodule import PromptDataModule
 from mopd_lightning.lora import STUDENT, TEACHER, adapter_pairs
+from mopd_lightning.roles import Weights
 
 from test_step import examples, run
 
@@ -89,10 +90,10 @@ def test_the_teacher_sees_its_own_adapter_and_the_frozen_teacher_the_base(tiny_m
     plain = AutoModelForCausalLM.from_pretrained(tiny_model)
     with torch.no_grad():
         live = module.student(ids).logits
-        with module.as_teacher() as teacher:
+        with module.run_as(module.roles.teacher[0]) as teacher:
             assert teacher is module.student
             as_teacher = teacher(ids).logits
-        with module.as_initial() as initial:
+        with module.run_as(Weights("student", None)) as initial:
             as_base = initial(ids).logits
         torch.testing.assert_close(as_base, plain(ids).logits)
         torch.testing.assert_close(as_teacher, plain(ids).logits)  # the teacher adapter is still the initial one

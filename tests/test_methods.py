@@ -275,7 +275,7 @@ def test_every_method_trains_and_logs_the_same_metrics(tiny_model, method, kwarg
     assert trainer.global_step == 2 and module.rollout_batches == 2  # a step is a batch, however many updates
     after = snapshot(module.student)
     assert any(not torch.equal(before[k], after[k]) for k in before), "the student did not change"
-    assert (module.reference is not None) == (module.grpo.kl_coef > 0)
+    assert (module.initial is not None) == (module.grpo.kl_coef > 0 or module.roles.teacher_kind == "frozen")
 
 
 def test_a_batch_without_signal_changes_nothing_but_counts_as_a_step(tiny_model, monkeypatch):

@@ -78,10 +78,10 @@ def test_teacher_kinds(tiny_model, kind):
     initial = snapshot(module.student)
     run(module)
     if kind == "self":
-        with module.as_teacher() as teacher:
-            assert module.teacher is None and teacher is module.student
+        with module.run_as(module.roles.teacher[0]) as teacher:
+            assert module.teacher is None and module.initial is None and teacher is module.student
     else:
-        for name, value in module.teacher.state_dict().items():
+        for name, value in module.initial.state_dict().items():
             assert torch.equal(value, initial[name])
 
 
@@ -137,7 +137,7 @@ def test_reused_rollouts_keep_the_teacher_head_they_were_scored_with(tiny_model,
     run(module, steps=1)
     (signal, head), = scored
     assert torch.equal(signal.teacher_weight, head)
-    with module.as_teacher() as teacher:
+    with module.run_as(module.roles.teacher[0]) as teacher:
         assert not torch.equal(output_weight(teacher).detach(), head)  # the live head did move
 
 

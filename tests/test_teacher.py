@@ -22,7 +22,7 @@ def test_trust_region_logits_are_the_mixture_of_the_initial_and_the_live_models(
     for r, ids in sequences.items():
         inputs = torch.tensor([ids])
         with torch.no_grad():
-            mixture = (0.7 * module.teacher(inputs).logits + 0.3 * module.student(inputs).logits)[0].double()
+            mixture = (0.7 * module.initial(inputs).logits + 0.3 * module.student(inputs).logits)[0].double()
         expected = mixture[len(ids) - lengths[r] - 1:-1]
         torch.testing.assert_close((hidden[r].double() @ head.double().T), expected, rtol=1e-4, atol=1e-4)
 
@@ -32,10 +32,10 @@ def test_a_trust_region_step_trains_the_student_and_keeps_the_initial_model(tiny
                                                                                               updates_per_batch=2))
     module.setup("fit")
     module.configure_model()
-    initial = snapshot(module.teacher)
+    initial = snapshot(module.initial)
     before = snapshot(module.student)
     trainer = run(module)
-    assert all(torch.equal(initial[k], v) for k, v in module.teacher.state_dict().items())
+    assert all(torch.equal(initial[k], v) for k, v in module.initial.state_dict().items())
     assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
     assert torch.isfinite(trainer.logged_metrics["train/loss"])
 
