@@ -55,13 +55,31 @@ CONTEXT_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 
 def variant_peers(base: PeerConfig, name: str) -> PeerConfig:
-    """``base`` (templates, budgets) with the peer mix of variant ``name``; failures always included, no gate."""
+    """``base`` (templates, budgets) with the peer mix of variant ``name``; failures always included, no gate, and a
+    rollout never shown itself (``dont_reprompt_on_self_success``): the analysis measures what the peers tell the
+    teacher about a rollout, never the rollout's own label."""
     if name not in CONTEXT_VARIANTS:
         raise ValueError(f"unknown context variant {name!r}; known: {', '.join(CONTEXT_VARIANTS)}")
     settings = dict(n_success=base.n_success, n_failure=base.n_failure, context="peers", failure_when="always",
-                    require_success=False)
+                    require_success=False, dont_reprompt_on_self_success=True)
     settings.update(CONTEXT_VARIANTS[name])
     return dataclasses.replace(base, **settings)
+
+
+def score_settings(module) -> Dict[str, Any]:
+    """Every setting of ``module`` that changes a score, as the report records it: reports are joined only when
+    these (and the checkpoint, precision and seed) agree."""
+    peers = variant_peers(module.peers, "2S1F")
+    teacher = module.teacher_config
+    return {"student": module.student_name, "dtype": module.dtype_name, "group_size": module.sampling.group_size,
+            "temperature": module.sampling.temperature, "top_p": module.sampling.top_p,
+            "top_k": module.sampling.top_k, "max_new_tokens": module.sampling.max_new_tokens,
+            "max_peer_tokens": peers.max_peer_tokens, "verifier": vars(module.verifier),
+            "teacher": module.roles.teacher_kind,
+            "teacher_path": teacher.path if module.roles.teacher_kind == "external" else None,
+            "teacher_mix": teacher.mix if module.roles.teacher_kind == "trust_region" else None,
+            "peer_context": {key: value for key, value in vars(peers).items()
+                             if key not in ("n_success", "n_failure", "context", "max_peer_tokens")}}
 
 
 def _mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
@@ -116,7 +134,8 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
 # Per prompt with both outcomes, each of the reference's teacher-signal metrics (``analysis/
 # compute_teacher_signal_metrics.py`` in the paper's code), with two deliberate differences: a metric that is
 # undefined on a prompt (a constant side of a correlation) is left out of the mean rather than counted as 0, and
-# ties in score count one half wherever a pair or a top rollout is judged (the reference counts them as wrong).
+# ties in score count one half wherever a pair or a top rollout is judged (the reference's AUC does the same; its
+# pairwise accuracy counts a tied pair as wrong, and its top-1 takes the first of tied rollouts).
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:
     """P(score of a success > score of a failure), ties counting one half (Mann-Whitney)."""
     wins = sum((p > n) + 0.5 * (p == n) for p in positive for n in negative)
@@ -380,9 +399,11 @@ def write_report(summary: Dict[str, Any], records: Sequence[Dict[str, Any]], out
     return folder
 
 
-SAME_SETTINGS = ("student", "group_size", "temperature", "max_new_tokens", "max_peer_tokens", "verifier", "teacher",
-                 "precision", "seed")
-"""Settings that reports must share to be summarised together (their rollouts come from the same sampler)."""
+SAME_SETTINGS = ("student", "ckpt_path", "dtype", "group_size", "temperature", "top_p", "top_k", "max_new_tokens",
+                 "max_peer_tokens", "verifier", "teacher", "teacher_path", "teacher_mix", "peer_context", "precision",
+                 "seed")
+"""Settings that reports must share to be summarised together: the same model, sampled and scored the same way
+(``score_settings``, plus the checkpoint, the precision and the seed)."""
 
 
 def resummarize(reports: Sequence[str], output_dir: Optional[str] = None, samples: int = 2000) -> Path:
@@ -394,10 +415,11 @@ def resummarize(reports: Sequence[str], output_dir: Optional[str] = None, sample
     saved = [json.loads(Path(report).read_text()) for report in reports]
     meta = dict(saved[0]["meta"])
     for report, other in zip(reports[1:], saved[1:]):
-        differ = [key for key in SAME_SETTINGS if other["meta"].get(key) != meta.get(key)]
+        differ = [f"{key} ({other['meta'].get(key)!r}, not {meta.get(key)!r})" for key in SAME_SETTINGS
+                  if other["meta"].get(key) != meta.get(key)]
         if differ:
             raise ValueError(f"{report}: its {', '.join(differ)} differ from {reports[0]}'s; reports are joined only "
-                             f"when their rollouts come from the same settings")
+                             "when their rollouts come from the same model and settings")
     seen: Dict[str, str] = {}
     for report, data in zip(reports, saved):
         for prompt in {r["prompt"] for r in data["records"]}:

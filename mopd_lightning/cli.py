@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from .analysis import CONTEXT_VARIANTS, summarize, write_report
+from .analysis import CONTEXT_VARIANTS, score_settings, summarize, write_report
 from .config import ConfigError
 from .data import PromptDataModule
 from .data.example import DataError
@@ -70,11 +70,8 @@ class MOPDTrainer(Trainer):
             records = [record for part in gathered for record in part]
         summary = summarize(records, variants, samples=bootstrap, seed=model.seed)
         if self.is_global_zero:
-            meta = {"student": model.student_name, "ckpt_path": ckpt_path, "group_size": model.sampling.group_size,
-                    "temperature": model.sampling.temperature, "max_new_tokens": model.sampling.max_new_tokens,
-                    "max_peer_tokens": model.peers.max_peer_tokens, "verifier": vars(model.verifier),
-                    "teacher": model.teacher_config.kind, "precision": str(self.precision), "seed": model.seed,
-                    "prompts": _prompt_source(datamodule), "wall_s": time.perf_counter() - started}
+            meta = {**score_settings(model), "ckpt_path": ckpt_path, "precision": str(self.precision),
+                    "seed": model.seed, "prompts": _prompt_source(datamodule), "wall_s": time.perf_counter() - started}
             folder = write_report(summary, records, os.path.join(self.default_root_dir, output_dir), meta)
             print((folder / "analysis.md").read_text())
             log.info("teacher-signal analysis written to %s", folder)

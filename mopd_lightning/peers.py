@@ -55,8 +55,8 @@ def _pick(config: PeerConfig, others: List[int], success: Sequence[bool], elsewh
     size = config.n_success + config.n_failure
     if config.context == "random_peer":
         return [Peer(j, success[j]) for j in rng.sample(others, min(size, len(others)))]
-    flipped = config.context == "swapped_labels"
-    successes = [j for j in others if success[j] != flipped] + own
+    flipped = config.context == "swapped_labels"  # shown as successes: true failures only, never the rollout itself
+    successes = [j for j in others if success[j] != flipped] + ([] if flipped else own)
     failures = [j for j in others if success[j] == flipped]
     if config.context == "success_only_matched":
         return [Peer(j, True) for j in rng.sample(successes, min(size, len(successes)))]

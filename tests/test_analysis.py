@@ -207,7 +207,50 @@ def test_reports_are_joined_only_with_the_same_settings_and_no_shared_prompt(tmp
 
     rows = [record("p0", True, -1.0, -0.5), record("p0", False, -1.0, -2.0)]
     a = _write(tmp_path / "a", rows, ["good"], group_size=8)
-    with pytest.raises(ValueError, match="group_size differ"):
+    with pytest.raises(ValueError, match=r"group_size \(4, not 8\) differ"):
         resummarize([a, _write(tmp_path / "b", [dict(r, prompt="p1") for r in rows], ["good"], group_size=4)])
     with pytest.raises(ValueError, match="prompt p0 is in both"):
         resummarize([a, _write(tmp_path / "c", rows, ["good"], group_size=8)])
+
+
+@pytest.mark.parametrize("setting,first,second", [
+    ("ckpt_path", "runs/a/last.ckpt", "runs/b/last.ckpt"),
+    ("peer_context", {"dont_reprompt_on_self_success": True, "context_template": "{question} {peers}"},
+     {"dont_reprompt_on_self_success": True, "context_template": "{question} then {peers}"}),
+    ("top_p", 1.0, 0.9), ("top_k", 0, 50), ("dtype", "float32", "bfloat16"),
+])
+def test_reports_of_another_model_or_wording_are_not_joined(tmp_path, setting, first, second):
+    """Two checkpoints, two peer wordings or two samplers are two analyses: a join refuses them, naming the setting."""
+    from mopd_lightning.analysis import resummarize
+
+    rows = [record("p0", True, -1.0, -0.5), record("p0", False, -1.0, -2.0)]
+    a = _write(tmp_path / "a", rows, ["good"], **{setting: first})
+    b = _write(tmp_path / "b", [dict(r, prompt="p1") for r in rows], ["good"], **{setting: second})
+    with pytest.raises(ValueError, match=f"its {setting} .* differ from"):
+        resummarize([a, b])
+
+
+def test_the_analysis_never_shows_a_rollout_itself_whatever_the_training_setting():
+    """With ``dont_reprompt_on_self_success: false`` training may show a success itself; the analysis measures what
+    the peers tell the teacher, so no variant ever does, and swapped_labels shows only true failures as successes."""
+    from mopd_lightning.peers import choose_peers
+
+    base = PeerConfig(dont_reprompt_on_self_success=False)
+    groups, success = [[0, 1, 2, 3]], [True, True, False, False]
+    for name in CONTEXT_VARIANTS:
+        config = variant_peers(base, name)
+        for seed in range(100):
+            for r, chosen in enumerate(choose_peers(groups, success, config, [f"s{seed}"])):
+                assert r not in [p.rollout for p in chosen], (name, seed, r)
+                if name == "swapped_labels":
+                    assert all(success[p.rollout] != p.shown_success for p in chosen)
+
+
+def test_swapped_labels_in_training_shows_only_true_failures_as_successes():
+    from mopd_lightning.peers import choose_peers
+
+    config = PeerConfig(context="swapped_labels", dont_reprompt_on_self_success=False)
+    groups, success = [[0, 1, 2, 3]], [True, True, False, False]
+    for seed in range(100):
+        for chosen in choose_peers(groups, success, config, [f"s{seed}"]):
+            assert all(not success[p.rollout] for p in chosen if p.shown_success)
