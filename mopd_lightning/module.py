@@ -122,7 +122,8 @@ class MOPDModule(pl.LightningModule):
         self.analysis_variants = list(CONTEXT_VARIANTS)  # what predict_step (mopd analyze) scores
         k = sampling.val_samples
         self.eval_metrics = torch.nn.ModuleDict({
-            stage: torch.nn.ModuleDict({"greedy": MeanMetric(), "mean": MeanMetric(), "pass": PassAtK(max(k, 1))})
+            stage: torch.nn.ModuleDict({"greedy": MeanMetric(), "mean": MeanMetric(), "reward": MeanMetric(),
+                                        "pass": PassAtK(max(k, 1))})
             for stage in ("val", "test")
         })
 
@@ -384,7 +385,9 @@ class MOPDModule(pl.LightningModule):
 
     @torch.no_grad()
     def evaluate(self, batch: List[Example], stage: str) -> None:
-        """Greedy accuracy (one greedy answer per prompt), and mean@k / pass@k over k sampled answers."""
+        """Greedy accuracy (one greedy answer per prompt); over k sampled answers, mean@k (the share that succeed) and
+        pass@k, both counting successes as greedy accuracy does, and reward@k (their mean reward: partial credit
+        on code)."""
         metrics = self.eval_metrics[stage]
         if self.sampling.val_greedy:
             greedy = self.sample(batch, stage, 1, 0.0)
@@ -397,10 +400,12 @@ class MOPDModule(pl.LightningModule):
             self.verify(batch, rollouts)
             rewards = torch.tensor(rollouts.reward).view(len(batch), k)
             correct = torch.tensor(rollouts.success).view(len(batch), k).sum(-1)
-            metrics["mean"].update(rewards.mean(-1))
+            metrics["mean"].update(correct / k)
+            metrics["reward"].update(rewards.mean(-1))
             metrics["pass"].update(torch.full_like(correct, k), correct)
             self.log(f"{stage}/mean@{k}", metrics["mean"], prog_bar=True, batch_size=len(batch))
             self.log(f"{stage}/pass@{k}", metrics["pass"], prog_bar=True, batch_size=len(batch))
+            self.log(f"{stage}/reward@{k}", metrics["reward"], batch_size=len(batch))
 
     def predict_step(self, batch: List[Example], batch_idx: int) -> List[Dict[str, Any]]:
         """The teacher-signal analysis of one batch (``mopd analyze``): one record per rollout, see analysis.py."""

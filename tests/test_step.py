@@ -263,11 +263,30 @@ def test_one_update_weighs_every_distillation_token_1_whatever_the_blend_and_the
     assert distillation_weights and all(torch.equal(w, torch.ones_like(w)) for w in distillation_weights)
 
 
-def test_validation_reports_mean_pass_at_k_and_greedy(tiny_model):
+def _graded(response, ground_truth):
+    """Partial credit, as code's share of tests passed: 0.25 (a failure) for an even length, else 1."""
+    return Score(0.25 if len(response) % 2 == 0 else 1.0)
+
+
+VERIFIERS["graded"] = lambda strict, sandbox: _graded
+
+
+def test_validation_reports_mean_pass_at_k_and_greedy_counting_successes(tiny_model):
+    """mean@k counts successes, as greedy accuracy and pass@k do; reward@k is the mean (partial) reward."""
     module = make(tiny_model)
+    verified = []
+    verify = module.verify
+    module.verify = lambda batch, rollouts: (verify(batch, rollouts), verified.append(rollouts))
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    loader = DataLoader(examples(4), batch_size=2, collate_fn=lambda b: b)
+    graded = [Example(e.id, e.messages, e.ground_truth, "graded") for e in examples(4)]
+    loader = DataLoader(graded, batch_size=2, collate_fn=lambda b: b)
     metrics = trainer.validate(module, dataloaders=loader, verbose=False)[0]
+    sampled = [r for r in verified if len(r) == 8]  # the k=4 samples of each batch (greedy ones are 2)
+    success = [s for r in sampled for s in r.success]
+    reward = [x for r in sampled for x in r.reward]
+    assert 0.25 in reward, "the test needs a partial reward"
+    assert metrics["val/mean@4"] == pytest.approx(sum(success) / len(success))
+    assert metrics["val/reward@4"] == pytest.approx(sum(reward) / len(reward))
     assert 0 <= metrics["val/mean@4"] <= metrics["val/pass@4"] <= 1
     assert metrics["val/greedy_acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)
 
