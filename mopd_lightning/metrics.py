@@ -52,11 +52,15 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
                      loss_sums: List[float], timer, skipped_steps: int, feedback_in_context: bool) -> Dict[str, float]:
     """The numbers logged after every training step, the same for every method (so runs compare line by line).
 
-    ``loss_sums`` are each objective's token sums over all ranks; everything else is this rank's. The entropy
-    is the student's (temperature 1) on its own rollouts' tokens, recorded while sampling (``hf``) or, with a
-    separate sampling engine, measured on the trained rollouts before the update, beside the engine's log-prob gap.
+    ``loss_sums`` are each update's token sums per objective over all ranks; everything else is this rank's. With
+    several updates per batch (``optim.updates_per_batch``), ``train/loss`` and ``train/grad_norm`` are the first,
+    on-policy update's (comparable across reuse settings; the norm before clipping), and ``*_mean_over_updates``
+    the means over all updates (over those not skipped, for the norm). The entropy is the student's (temperature 1)
+    on its own rollouts' tokens, recorded while sampling (``hf``) or, with a separate sampling engine, measured on
+    the trained rollouts before the update, beside the engine's log-prob gap.
     """
-    losses = [total / max(n, 1.0) for total, n in zip(loss_sums, stats["normalisers"])]
+    per_update = [[total / max(n, 1.0) for total, n in zip(sums, stats["normalisers"])] for sums in loss_sums]
+    losses = per_update[0]
     response_tokens = sum(map(len, rollouts.response_ids))
     metrics = {
         "train/reward": sum(rollouts.reward) / len(rollouts),
@@ -75,6 +79,14 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
     }
     if len(names) > 1:
         metrics.update({f"train/loss_{name}": loss for name, loss in zip(names, losses)})
+    stepped = [norm for norm in stats["grad_norms"] if norm is not None]
+    if stats["grad_norms"][0] is not None:
+        metrics["train/grad_norm"] = stats["grad_norms"][0]
+    if len(per_update) > 1:
+        metrics["train/loss_mean_over_updates"] = sum(sum(w * loss for w, loss in zip(weights, update))
+                                                      for update in per_update) / len(per_update)
+        if stepped:
+            metrics["train/grad_norm_mean_over_updates"] = sum(stepped) / len(stepped)
     if signal.contexts is not None:
         contexts = signal.contexts
         active = [c for c in contexts if c.active]
@@ -91,6 +103,4 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
     if signal.advantages is not None:
         metrics["train/advantage_abs_mean"] = sum(map(abs, signal.advantages)) / len(signal.advantages)
     metrics.update({f"train/{key}": value for key, value in stats.items() if key.startswith(("engine_", "dynamic_"))})
-    if "grad_norm" in stats:
-        metrics["train/grad_norm"] = stats["grad_norm"]
     return metrics

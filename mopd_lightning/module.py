@@ -118,6 +118,7 @@ class MOPDModule(pl.LightningModule):
         self.tokenizer = None
         self.rollout_batches = 0  # batches of rollouts trained on; keys the sampling seeds
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient
+        self.update_in_progress: Optional[StudentUpdate] = None  # the optimizer update whose step is running
         self.sandbox_level = None  # rank of the code sandbox's isolation (0 process, 1 namespaces, 2 full), once used
         self.analysis_variants = list(CONTEXT_VARIANTS)  # what predict_step (mopd analyze) scores
         k = sampling.val_samples
@@ -131,10 +132,6 @@ class MOPDModule(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Settings the update cannot honour, then tokenizers: an external teacher with another vocabulary fails
         before any weights load."""
-        if stage == "fit" and getattr(self._trainer.precision_plugin if self._trainer else None, "scaler", None):
-            raise ConfigError("trainer.precision: 16-mixed (float16 with a gradient scaler) is not supported yet: the "
-                              "update clips and skips non-finite steps outside the scaler. Use bf16-mixed (GPUs "
-                              "since Ampere) or 32-true.")
         if stage == "fit" and self.dynamic_sampling.enabled:
             datamodule = self._trainer.datamodule if self._trainer else None
             if not hasattr(datamodule, "draw_prompts"):
@@ -346,6 +343,12 @@ class MOPDModule(pl.LightningModule):
         """``optim.updates_per_batch`` optimizer steps on this batch of rollouts (``update.py``)."""
         return StudentUpdate(self, rollouts, signal).run()
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Lightning calls this after the callbacks' hook of the same name: the update clips here, so that they
+        see its gradients unclipped (and unscaled, under 16-mixed), as with Lightning's own clipping."""
+        if self.update_in_progress is not None:
+            self.update_in_progress.clip_or_skip(optimizer)
+
     def _sharded_ranks(self) -> bool:
         """Whether this rank's forward passes must keep step with the other ranks' (a sharded model)."""
         return is_sharded(self.student) and self.trainer.world_size > 1
@@ -365,7 +368,7 @@ class MOPDModule(pl.LightningModule):
     # -- logging --------------------------------------------------------------------------------------------
     def log_step(self, rollouts: Rollouts, signal: TrainingSignal, stats: Dict[str, Any], timer: PhaseTimer) -> None:
         names = [objective.name for _, objective in self.method.objectives]
-        loss_sums = [self.all_reduce(v) for v in stats["loss_sums"]]  # summed over ranks
+        loss_sums = [[self.all_reduce(v) for v in sums] for sums in stats["loss_sums"]]  # per update, over ranks
         metrics = training_metrics(rollouts, signal, names, [w for w, _ in self.method.objectives], stats, loss_sums,
                                    timer, self.skipped_steps, self.peers.include_feedback)
         progress = {"train/reward", "train/loss"}

@@ -43,8 +43,11 @@ class StudentUpdate:
         keep_old = module.method.needs_old_logp or module.optim.updates_per_batch > 1
         old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
         gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
-        for update in range(module.optim.updates_per_batch):
-            stats = self._optimizer_step(update, old_logp, gauge if update == 0 else None)
+        updates = [self._optimizer_step(update, old_logp, gauge if update == 0 else None)
+                   for update in range(module.optim.updates_per_batch)]
+        # Every update's loss and gradient norm (None: skipped), the first, on-policy one first.
+        stats: Dict[str, Any] = {"loss_sums": [u["loss_sums"] for u in updates],
+                                 "grad_norms": [u.get("grad_norm") for u in updates]}
         if gauge is not None:
             tokens = max(rollouts.tokens(self.forward), 1)
             stats.update(engine_logp_gap=gauge["gap"] / tokens, entropy=gauge["entropy"] / tokens)
@@ -54,18 +57,46 @@ class StudentUpdate:
 
     def _optimizer_step(self, update: int, old_logp: Optional[Dict[int, torch.Tensor]],
                         gauge: Optional[Dict[str, float]]) -> Dict[str, Any]:
-        """One optimizer update. A training step is a batch of rollouts (``trainer.max_steps``, checkpoints every n
-        steps, the step of logged metrics): the first update goes through Lightning, which counts it; the others
-        step the optimizer itself."""
-        module, rollouts, optim = self.module, self.rollouts, self.module.optim
+        """One optimizer update, in the order Lightning gives its own: the micro-batches' backward passes (the
+        closure), the gradients unscaled (16-mixed), the callbacks' ``on_before_optimizer_step`` (they see every
+        update's gradients, before clipping), then the clipping and the skip decision (:meth:`clip_or_skip`,
+        called from the module's own hook), then the step. A training step is a batch of rollouts
+        (``trainer.max_steps``, checkpoints every n steps, the step of logged metrics): the first update goes
+        through Lightning, which counts it; the others through the strategy's optimizer step, uncounted."""
+        module = self.module
         optimizer, schedule = module.optimizers(), module.lr_schedulers()
-        step = optimizer.step if update == 0 else optimizer.optimizer.step
-        stats: Dict[str, Any] = {"loss_sums": [0.0] * len(self.objectives)}
+        self.stats: Dict[str, Any] = {"loss_sums": [0.0] * len(self.objectives)}
+        self.finite, self.skipped = True, False
+
+        def closure() -> None:
+            self._backward(optimizer, old_logp, gauge)
+
+        module.update_in_progress = self
+        try:
+            if update == 0:
+                optimizer.step(closure=closure)
+            else:
+                module.trainer.strategy.optimizer_step(optimizer.optimizer, closure, module)
+        finally:
+            module.update_in_progress = None
+        if self.skipped:
+            module.skipped_steps += 1
+            log.warning("non-finite loss or gradient: step skipped (%d so far)", module.skipped_steps)
+            return self.stats
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        module.update_teacher()
+        self.stats["grad_norm"] = self.grad_norm
+        return self.stats
+
+    def _backward(self, optimizer, old_logp: Optional[Dict[int, torch.Tensor]],
+                  gauge: Optional[Dict[str, float]]) -> None:
+        """Every micro-batch's forward and backward pass; the gradients are all-reduced with the last one."""
+        module, rollouts, optim = self.module, self.rollouts, self.module.optim
         lengths = [len(rollouts.prompt_ids[r]) + len(rollouts.response_ids[r]) for r in self.forward]
         plan = plan_forwards(module.student, lengths, optim.max_tokens_per_micro_batch, optim.packed) or [[]]
         plan += [[]] * (module.forwards(len(plan)) - len(plan))
         anyone = module.all_reduce(float(len(self.forward))) > 0  # no signal anywhere: a step that changes nothing
-        finite = True
         for m, rows in enumerate(plan if anyone else []):
             chosen = [self.forward[i] for i in rows]
             with optimizer.toggle_model(sync_grad=m == len(plan) - 1):
@@ -79,27 +110,23 @@ class StudentUpdate:
                     if not members:
                         continue
                     part = objective.loss_sum(batch.select(members), self.signal)
-                    stats["loss_sums"][i] += float(part.detach())
+                    self.stats["loss_sums"][i] += float(part.detach())
                     loss = loss + weight * part * (module.trainer.world_size / self.normalisers[i])  # DDP averages
-                finite &= bool(torch.isfinite(loss))
+                self.finite &= bool(torch.isfinite(loss))
                 module.manual_backward(loss)
-        max_norm = optim.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(module.student.parameters(), max_norm)
-        finite = finite and bool(torch.isfinite(grad_norm))
-        if module.all_reduce(0.0 if finite else 1.0) > 0:  # every rank skips together
-            module.skipped_steps += 1
-            # With no gradients the optimizer leaves every weight and its state alone, yet Lightning counts
-            # the step, so max_steps still bounds a run whose losses keep coming out non-finite.
+
+    def clip_or_skip(self, optimizer) -> None:
+        """After the callbacks saw the gradients: clip them (``optim.grad_clip``), and skip the step on every rank
+        if any rank's loss or gradient is not finite. A skipped step has no gradients, so the optimizer leaves
+        every weight and its state alone (and 16-mixed's scaler, which saw the overflow, still lowers its scale),
+        yet Lightning counts it, so max_steps still bounds a run whose losses keep coming out non-finite."""
+        module = self.module
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.student.parameters(), module.optim.grad_clip or float("inf"))
+        finite = self.finite and bool(torch.isfinite(grad_norm))
+        self.skipped = module.all_reduce(0.0 if finite else 1.0) > 0  # every rank skips together
+        if self.skipped:
             optimizer.zero_grad(set_to_none=True)
-            step()
-            log.warning("non-finite loss or gradient: step skipped (%d so far)", module.skipped_steps)
-            return stats
-        step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        module.update_teacher()
-        stats["grad_norm"] = float(grad_norm)
-        return stats
+        self.grad_norm = float(grad_norm)
 
     def _micro_batch(self, rows: List[int], old_logp: Optional[Dict[int, torch.Tensor]],
                      gauge: Optional[Dict[str, float]] = None) -> MicroBatch:

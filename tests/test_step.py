@@ -141,17 +141,93 @@ def test_reused_rollouts_keep_the_teacher_head_they_were_scored_with(tiny_model,
         assert not torch.equal(output_weight(teacher).detach(), head)  # the live head did move
 
 
-def test_float16_with_a_gradient_scaler_is_refused_before_any_weights_load(tiny_model):
-    """CUDA's 16-mixed (a GradScaler, which Lightning gives only on CUDA: forced here) would clip scaled gradients."""
+class SeenGradients(pl.Callback):
+    """The gradient norm every ``on_before_optimizer_step`` sees (a gradient-monitoring callback's view)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        grads = [p.grad.detach().float().norm() for p in module.student.parameters() if p.grad is not None]
+        self.norms.append(float(torch.stack(grads).norm()))
+
+
+def fp16_run(module, scaler, steps, callbacks=()):
+    """CUDA's 16-mixed (autocast to float16 and a GradScaler, which Lightning gives only on CUDA: forced here)."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], callbacks=list(callbacks))
+    trainer.fit(module, train_dataloaders=DataLoader(PromptStream(examples(4), 2, seed=0, shuffle=False),
+                                                     batch_size=None))
+    return trainer
+
+
+def test_16_mixed_clips_the_unscaled_gradients(tiny_model):
+    """The scaler multiplies the loss by 2**16; the update clips (and logs) the gradient unscaled, as callbacks
+    see it."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    module, seen = make(tiny_model, optim=OptimConfig(lr=1e-2, grad_clip=1e-3)), SeenGradients()
+    module.setup("fit")
+    module.configure_model()
+    before = snapshot(module.student)
+    trainer = fp16_run(module, scaler, 1, [seen])
+    logged = float(trainer.logged_metrics["train/grad_norm"])
+    assert len(seen.norms) == 1 and logged == pytest.approx(seen.norms[0], rel=1e-4)
+    assert 1e-3 < logged < 100  # unscaled: a scaled norm would be about 65,536 times larger
+    assert module.skipped_steps == 0 and scaler.get_scale() == 2.0 ** 16
+    assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+
+
+def test_16_mixed_skips_an_overflow_step_through_the_scaler(tiny_model):
+    """An overflowing gradient: no weight or optimizer state moves, the scaler's own update lowers its scale, and the
+    next step trains."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     module = make(tiny_model)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         plugins=[MixedPrecision("16-mixed", "cpu")])
-    loader = DataLoader(PromptStream(examples(2), 2, seed=0, shuffle=False), batch_size=None)
-    with pytest.raises(ValueError, match="trainer.precision: 16-mixed"):
-        trainer.fit(module, train_dataloaders=loader)
-    assert module.student is None
+    module.setup("fit")
+    module.configure_model()
+    poisoned = []
+
+    def overflow_once(grad):
+        if not poisoned:
+            poisoned.append(True)
+            return grad * float("inf")
+        return grad
+
+    next(module.student.parameters()).register_hook(overflow_once)
+    history = []
+
+    class Weights(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            history.append((snapshot(pl_module.student), scaler.get_scale(), pl_module.skipped_steps))
+
+    start = snapshot(module.student)
+    fp16_run(module, scaler, 2, [Weights()])
+    (first, scale_1, skipped_1), (second, scale_2, skipped_2) = history
+    assert skipped_1 == 1 and all(torch.equal(start[k], v) for k, v in first.items())
+    assert scale_1 == 2.0 ** 9  # the scaler saw the overflow and backed off
+    assert skipped_2 == 1 and any(not torch.equal(first[k], v) for k, v in second.items())
+    assert scale_2 == 2.0 ** 9
+
+
+def test_every_update_is_seen_by_callbacks_and_the_first_is_logged(tiny_model):
+    """With three updates per batch the logged loss and gradient norm are the first, on-policy update's (those of a
+    one-update run), the means over updates are named as such, and a gradient-monitoring callback sees each update's
+    gradients before clipping."""
+    logged, seen = {}, {}
+    for updates in (1, 3):
+        torch.manual_seed(0)
+        module, seen[updates] = make(tiny_model, optim=OptimConfig(lr=1e-2, updates_per_batch=updates,
+                                                                  grad_clip=1e-3)), SeenGradients()
+        logged[updates] = {k: float(v) for k, v in run(module, steps=1, callbacks=[seen[updates]]).logged_metrics.items()}
+    assert len(seen[1].norms) == 1 and len(seen[3].norms) == 3 and min(seen[3].norms) > 1e-3  # unclipped
+    assert logged[3]["train/loss"] == pytest.approx(logged[1]["train/loss"], rel=1e-5)
+    assert logged[3]["train/grad_norm"] == pytest.approx(logged[1]["train/grad_norm"], rel=1e-5)
+    assert logged[3]["train/grad_norm"] == pytest.approx(seen[3].norms[0], rel=1e-4)
+    assert logged[3]["train/grad_norm_mean_over_updates"] == pytest.approx(sum(seen[3].norms) / 3, rel=1e-4)
+    assert logged[3]["train/loss_mean_over_updates"] != logged[3]["train/loss"]
+    assert "train/loss_mean_over_updates" not in logged[1]
 
 
 def test_no_peer_rollouts_are_masked(tiny_model):
