@@ -186,3 +186,16 @@ def test_sampling_is_deterministic_under_lora_dropout(tiny_model, external_model
     batch = examples(2)
     first, second = module.sample(batch, "train", 4, 1.0), module.sample(batch, "train", 4, 1.0)
     assert first.response_ids == second.response_ids and first.entropy == second.entropy
+
+
+@pytest.mark.parametrize("kind,method,old_name", [("frozen", "mopd", "teacher."), ("trust_region", "mopd", "teacher."),
+                                                  ("ema", "grpo", "reference.")])
+def test_a_checkpoint_from_before_the_roles_table_loads(tiny_model, external_model, kind, method, old_name):
+    """The frozen initial student was saved as ``teacher`` (frozen, trust region) or ``reference`` (GRPO's KL)."""
+    module = built(tiny_model, **settings(kind, method, False, external_model, kl_coef=0.05))
+    old = {(old_name + k[len("initial."):] if k.startswith("initial.") else k): v
+           for k, v in module.state_dict().items()}
+    checkpoint = {"state_dict": dict(old)}
+    module.on_load_checkpoint(checkpoint)
+    assert checkpoint["state_dict"].keys() == module.state_dict().keys()
+    module.load_state_dict(checkpoint["state_dict"])
