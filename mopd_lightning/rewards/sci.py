@@ -9,20 +9,26 @@ label, so ``True`` answers a true/false question whose options are ``A: True, B:
 
 Yes/true and no/false are the same answer. Strict (the default, and the reference implementation's rule): only
 the tag the prompt asks for counts. Lenient: without a tag, a response is still read when it is nothing but a
-choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), says "the answer is B", or starts with an option
-label (``"B. 120 N"``), as small models often answer; a 135M model's "successes" are then mostly such guesses.
+choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), states one ("the answer is B", "Answer: B",
+``\boxed{B}``, as the 0.5B coder writes) or starts a line with an option label (``"B. 120 N"``), as small models
+often answer; a 135M model's "successes" are then mostly such guesses. A response that names more than one choice
+(every option listed, "C. Quarel\nAnswer: D", a tag holding "A or B") is not read as any, in either mode: it would
+show the teacher a peer labelled correct that is not.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from .base import Score
 
 _LEADING_CHOICE = re.compile(r"^\(?([A-Za-z]|true|false|yes|no)\b\)?", re.IGNORECASE)
-_ANSWER_IS = re.compile(r"(?i:answer is)\s*:?\s*\(?([A-J])\b")
-_LABELLED_START = re.compile(r"\s*\(?([A-J])[.):]\s")
+_CHOICE = r"\(?([A-J]|true|false|yes|no)\b\)?"
+_STATED = re.compile(r"(?:answer is|answer\s*:|\\boxed\{)\s*:?\s*" + _CHOICE, re.IGNORECASE)  # "the answer is B",
+# "Answer: C", \boxed{C}
+_LABELLED_LINE = re.compile(r"^[ \t*]*\(?([A-J])[.):][ \t]", re.MULTILINE)  # "B. 120 N" at the start of a line
+_LISTED = re.compile(r"^\(?([A-J])\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?([A-J])\b", re.IGNORECASE)  # "A or B"
 _TRUTH = {"TRUE": "TRUE", "YES": "TRUE", "FALSE": "FALSE", "NO": "FALSE"}
 
 
@@ -35,43 +41,70 @@ def _canonical(value: Any) -> str:
 
 
 def _choice_in(text: str) -> Optional[str]:
-    """The choice a short answer text names: the whole text, or its leading letter / truth word."""
+    """The choice a short answer text names: the whole text, or its leading letter / truth word; None when it names
+    two ("A or B")."""
     whole = _canonical(text)
     if len(whole) == 1 or whole in ("TRUE", "FALSE"):
         return whole
+    if _LISTED.match(text.strip()):
+        return None
     match = _LEADING_CHOICE.match(text.strip())
     return _canonical(match.group(1)) if match else None
 
 
 def last_answer_tag(response: str) -> Optional[str]:
     """Text inside the last ``<answer>...</answer>`` (case-insensitive); None if there is none."""
+    span = answer_tag_span(response)
+    return response[span[0]:span[1]].strip() if span else None
+
+
+def answer_tag_span(response: str) -> Optional[Tuple[int, int]]:
+    """Character span of the text inside the last ``<answer>...</answer>``; None if there is none."""
     lowered = response.lower()
     end = lowered.rfind("</answer>")
     start = lowered.rfind("<answer>", 0, end) if end >= 0 else -1
-    return response[start + len("<answer>") : end].strip() if start >= 0 else None
+    return (start + len("<answer>"), end) if start >= 0 else None
+
+
+def _untagged(response: str) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
+    """The choice a response without a tag names, and where: the whole response when it is only a choice, else every
+    statement of an answer ("the answer is B", "Answer: C", ``\boxed{C}``) and every line that starts with an option
+    label ("B. 120 N"); a response naming more than one choice that way (all options listed, "C. ...\nAnswer: D")
+    names none."""
+    bare = _canonical(response)
+    if len(bare) == 1 and bare.isalpha() or bare in ("TRUE", "FALSE"):
+        return bare, (0, len(response))
+    found = sorted([(m.start(1), m.end(1), _canonical(m.group(1))) for m in _STATED.finditer(response)]
+                   + [(m.start(1), m.end(1), m.group(1)) for m in _LABELLED_LINE.finditer(response)])
+    if len({choice for _, _, choice in found}) != 1:
+        return None, None
+    start, end, choice = found[-1]
+    return choice, (start, end)
 
 
 def extract_choice(response: str, strict: bool = True) -> str | None:
-    """The choice named in the last answer tag (a letter, or TRUE/FALSE), upper-cased; None if absent.
+    """The choice named in the last answer tag (a letter, or TRUE/FALSE), upper-cased; None if absent or if it names
+    more than one.
 
-    Not ``strict``: without a tag, a response that is only a choice (``"B"``, ``"No."``), says "the answer is
-    B" or starts with an option label is read as that choice.
+    Not ``strict``: without a tag, a response that is only a choice (``"B"``, ``"No."``), or that names exactly one
+    choice by stating it ("the answer is B", "Answer: B", ``\boxed{B}``) or by starting a line with its label, is
+    read as that choice.
     """
     if not isinstance(response, str):
         return None
     tag = last_answer_tag(response)
     if tag is not None:
         return _choice_in(tag)
-    if strict:
-        return None
-    bare = _canonical(response)
-    if len(bare) == 1 and bare.isalpha() or bare in ("TRUE", "FALSE"):
-        return bare
-    stated = _ANSWER_IS.findall(response)
-    if stated:
-        return stated[-1]
-    labelled = _LABELLED_START.match(response)
-    return labelled.group(1) if labelled else None
+    return None if strict else _untagged(response)[0]
+
+
+def answer_span(response: str, strict: bool = True) -> Optional[Tuple[int, int]]:
+    """Where in ``response`` the verifier read the answer (character offsets), for the analysis's answer-span
+    score; None where it read none."""
+    span = answer_tag_span(response)
+    if span is not None or strict:
+        return span
+    return _untagged(response)[1]
 
 
 def _ground_truth(ground_truth: Any) -> tuple[str, Dict[str, str]]:

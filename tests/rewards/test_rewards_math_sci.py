@@ -105,6 +105,17 @@ SKE = {"choices": {"text": ["True", "False"], "label": ["A", "B"]}, "answerKey":
         ("B. 120 N\nbecause F = ma", "B", 0.0, 1.0),
         ("7325 - B is the correct one", "B", 0.0, 0.0),
         ("Apple. It is A", "A", 0.0, 0.0),
+        # A final "Answer: C" or \boxed{C} (the 0.5B coder writes both) is read; naming more than one choice is not.
+        ("Let me think. F = ma.\nAnswer: C", "C", 0.0, 1.0),
+        ("The force is 120 N, so \\boxed{C}", "C", 0.0, 1.0),
+        ("Answer: Yes", "Yes", 0.0, 1.0),
+        ("A. Eriqin\nB. Awatahr\nC. Quarel\nD. Panjab", "A", 0.0, 0.0),  # every option listed
+        ("C. Quarel\nAnswer: D. Panjab", "C", 0.0, 0.0),  # a leading label, then another answer
+        ("C. Quarel\nAnswer: D. Panjab", "D", 0.0, 0.0),
+        ("The answer is B.\nB. 120 N", "B", 0.0, 1.0),  # the same choice twice is one choice
+        ("<answer>A or B</answer>", "A", 0.0, 0.0),
+        ("<answer>B, C</answer>", "B", 0.0, 0.0),
+        ("<answer>B. 120 N</answer>", "B", 1.0, 1.0),  # an option's text after its label is not a second choice
     ],
 )
 def test_sci(response, ground_truth, strict, lenient):
@@ -126,3 +137,18 @@ def test_sci_on_sciknoweval_types(sciknoweval_dir):
         assert get_verifier("sci")(f"<answer>{right}</answer>", row).reward == 1.0, kind
         assert get_verifier("sci")(f"<answer>{wrong}</answer>", row).reward == 0.0, kind
         assert get_verifier("sci")(f"<answer>{right}</answer>", right).reward == 1.0, kind
+
+
+@pytest.mark.parametrize("response, strict, span", [
+    ("Thinking... <answer>B</answer>", True, "B"),
+    ("B. 120 N\nbecause F = ma", False, "B"),
+    ("so the answer is C.", False, "C"),
+    ("\\boxed{D}", False, "D"),
+    ("no answer here", False, None),
+    ("B. 120 N", True, None),
+])
+def test_sci_answer_span_is_where_the_choice_was_read(response, strict, span):
+    from mopd_lightning.rewards.sci import answer_span
+
+    found = answer_span(response, strict)
+    assert (response[found[0]:found[1]] if found else None) == span
