@@ -346,3 +346,30 @@ def test_bad_verl_rows_name_the_field(tmp_path, change, field):
     write_jsonl(path, [VERL_ROWS[0][0], dict(VERL_ROWS[0][0], **change)])
     with pytest.raises(DataError, match=f"rows.jsonl:2: .*{field}"):
         load("math", path)
+
+
+def _options(example):
+    lines = example.question.splitlines()
+    return {line[0]: line[3:] for line in lines if re.match(r"^[A-D]\. ", line)}
+
+
+def test_the_invented_facts_are_seeded_and_only_the_right_option_scores():
+    """The positive control's questions: the same seed gives the same questions; the right option (drawn at random)
+    scores 1 and the others 0; the letters are balanced; the test split is the training questions, shuffled."""
+    splits, again, other = embedded("facts", seed=3), embedded("facts", seed=3), embedded("facts", seed=4)
+    assert [e.messages for e in splits["train"]] == [e.messages for e in again["train"]]
+    assert [e.question for e in splits["train"]] != [e.question for e in other["train"]]
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (32, 64, 32)
+    verify = get_verifier("sci", strict=False)
+    for example in splits["train"] + splits["validation"] + splits["test"]:
+        options = _options(example)
+        assert options[example.ground_truth] == example.meta["fact"]
+        for letter in "ABCD":
+            assert verify(f"<answer>{letter}</answer>", example.ground_truth).reward == float(letter == example.ground_truth)
+    questions = {split: [e.question.splitlines()[0] for e in examples] for split, examples in splits.items()}
+    assert not set(questions["train"]) & set(questions["validation"])
+    assert questions["test"] == questions["train"]  # the same questions ...
+    moved = sum(a.ground_truth != b.ground_truth for a, b in zip(splits["train"], splits["test"]))
+    assert moved > 16  # ... with the right option mostly at another letter
+    letters = [e.ground_truth for e in splits["validation"]]
+    assert min(letters.count(letter) for letter in "ABCD") >= 8

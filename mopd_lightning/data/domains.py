@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from ..config import ConfigError
-from . import code, math, sci, tool
+from . import code, facts, math, sci, tool
 from .example import Example
 from .verl import accepting_verl
 
@@ -68,6 +68,7 @@ def _embedded_tool(split: str, seed: int, system_prompt: Optional[str]) -> List[
 
 DOMAINS: Dict[str, Domain] = {
     "sci": Domain(_embedded_sci, accepting_verl(sci.sciknoweval_example)),
+    "facts": Domain(facts.generate_facts, accepting_verl(sci.sciknoweval_example)),  # the analysis's positive control
     "math": Domain(_embedded_math, accepting_verl(math.math_example)),
     "code": Domain(_embedded_code, accepting_verl(code.code_example)),
     "tool": Domain(_embedded_tool, accepting_verl(tool.tool_example)),

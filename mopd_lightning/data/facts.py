@@ -1,0 +1,80 @@
+"""Questions about invented facts (domain ``facts``): the positive control of the teacher-signal analysis.
+
+Each question asks about a made-up place ("Which river runs through the town of Vessarn?") with four made-up
+options, and which option is right is drawn at random: nothing in the prompt, and nothing any model learned before,
+says which. So the premise MOPD rests on holds here by construction: a rollout succeeds by chance (one in four,
+whatever the model), and only the group's successes show the right option. A teacher shown them can copy it; a
+teacher shown only the label-blind controls cannot. If the pipeline carries the verifier's labels to the teacher,
+the analysis must say yes here (``configs/peer_control.yaml``).
+
+What could still make it say no: a model that cannot read a choice off its context; a score that drowns the one
+answer token in the rest of the response (the analysis also scores the answer span alone); peers labelled wrongly
+(a response that lists every option is not a success, see ``rewards/sci.py``).
+
+The splits are disjoint sets of questions, except ``test``: the training questions with their options shuffled
+again, so that a model that learned the facts during training, not the letters, answers them.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Dict, List, Optional
+
+from .example import Example
+from .sci import LETTERS, format_mcq
+
+SYLLABLES = ["ar", "bel", "cor", "dun", "el", "fen", "gal", "har", "is", "jor", "kel", "lor", "mar", "nim", "or",
+             "pel", "quen", "ros", "sar", "tal", "ul", "ven", "wyn", "xar", "yel", "zor", "ith", "ash", "om", "eth"]
+QUESTIONS = [  # (question about a place, what an option names)
+    ("Which river runs through the town of {place}?", "river"),
+    ("Which festival marks the first frost in {place}?", "festival"),
+    ("Who founded the weavers' guild of {place}?", "founder"),
+    ("Which mineral is mined in the valley of {place}?", "mineral"),
+    ("What is the traditional dish of {place}?", "dish"),
+    ("Which mountain overlooks the harbour of {place}?", "mountain"),
+    ("Which bird is the emblem of {place}?", "bird"),
+    ("What is the old name of the capital of {place}?", "city"),
+]
+SUFFIXES = {"river": " River", "festival": " Festival", "founder": "", "mineral": "ite", "dish": " stew",
+            "mountain": " Peak", "bird": " finch", "city": ""}
+SIZES = {"train": 32, "validation": 64}
+
+
+def _word(rng: random.Random, parts: int) -> str:
+    return "".join(rng.choice(SYLLABLES) for _ in range(parts)).capitalize()
+
+
+def _facts(n: int, seed: int) -> List[Dict]:
+    """``n`` distinct invented questions, each with its four options (the right one first)."""
+    rng = random.Random(f"facts:{seed}")
+    seen, facts = set(), []
+    while len(facts) < n:
+        template, kind = rng.choice(QUESTIONS)
+        question = template.format(place=_word(rng, 3))
+        options = list(dict.fromkeys(_word(rng, 2) + SUFFIXES[kind] for _ in range(4)))
+        if question in seen or len(options) < 4:
+            continue
+        seen.add(question)
+        facts.append({"question": question, "options": options})
+    return facts
+
+
+def _example(fact: Dict, example_id: str, rng: random.Random, system_prompt: Optional[str]) -> Example:
+    """The question with its options in a random order: the right one at a random letter."""
+    order = rng.sample(range(4), 4)
+    options = [fact["options"][i] for i in order]
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": format_mcq(fact["question"], options)}]
+    return Example(example_id, messages, LETTERS[order.index(0)], "sci", {"fact": fact["options"][0]})
+
+
+def generate_facts(split: str, seed: int, system_prompt: Optional[str] = None) -> List[Example]:
+    """One split of the invented-fact questions: ``train`` (32), ``validation`` (64 others) or ``test`` (the
+    training questions with their options shuffled again)."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"unknown split {split!r}; expected train, validation or test")
+    facts = _facts(sum(SIZES.values()), seed)
+    train, validation = facts[:SIZES["train"]], facts[SIZES["train"]:]
+    rng = random.Random(f"facts:{seed}:{split}")
+    return [_example(fact, f"facts-{seed}-{split}-{i}", rng, system_prompt)
+            for i, fact in enumerate(validation if split == "validation" else train)]
