@@ -28,13 +28,14 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .config import PeerConfig
 from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
+from .rewards.registry import ANSWER_SPANS
 from .scoring import output_weight, score_rollouts
 
 log = logging.getLogger(__name__)
@@ -82,12 +83,37 @@ def score_settings(module) -> Dict[str, Any]:
                              if key not in ("n_success", "n_failure", "context", "max_peer_tokens")}}
 
 
+PARTS = ("answer", "rest", "end")
+"""Where in a response a score is also taken: the answer the verifier read (the letter, the last ``\\boxed{}``, the
+program), the end-of-turn token of a finished rollout, and every other token."""
+
+
+def response_parts(tokenizer, response_ids: Sequence[int], finished: bool,
+                   span: Optional[Tuple[int, int]]) -> Dict[str, List[int]]:
+    """The token positions of each part of one response: a token is in the answer when the characters it decodes
+    to overlap ``span`` (character offsets in the response's text)."""
+    end = [len(response_ids) - 1] if finished and response_ids else []
+    answer, before = [], 0
+    for k in range(len(response_ids) - len(end)) if span else ():
+        upto = len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True))
+        if upto > before and before < span[1] and upto > span[0]:
+            answer.append(k)
+        before = upto
+    taken = set(answer) | set(end)
+    return {"answer": answer, "rest": [k for k in range(len(response_ids)) if k not in taken], "end": end}
+
+
 def _mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
-                           response_ids: Sequence[Sequence[int]]) -> Dict[int, tuple[float, float]]:
+                           response_ids: Sequence[Sequence[int]], parts: Dict[int, Dict[str, List[int]]]
+                           ) -> Dict[int, Dict[str, Any]]:
+    """Per rollout: mean log-prob and entropy over its tokens, and the mean log-prob over each part (None where the
+    part is empty)."""
     out = {}
     for r, h in hidden.items():
         entropy, logp = entropy_and_logprobs(h, weight, torch.tensor(response_ids[r], device=h.device))
-        out[r] = (float(logp.mean()), float(entropy.mean()))
+        out[r] = {"logp": float(logp.mean()), "entropy": float(entropy.mean()),
+                  "parts": {part: float(logp[positions].mean()) if positions else None
+                            for part, positions in parts[r].items()}}
     return out
 
 
@@ -96,7 +122,8 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     """Sample and verify groups for ``batch``, then score every rollout under every context variant.
 
     One record per rollout: its prompt, reward, success, the student's mean log-prob and entropy on its own
-    tokens, and per variant the teacher's (None where the variant gives that rollout no context).
+    tokens (and the mean log-prob on each of its parts: the answer span, the rest, the end-of-turn token), and per
+    variant the teacher's (None where the variant gives that rollout no context).
     """
     started = time.monotonic()
     rollouts = module.sample(batch, "analyze", module.sampling.group_size, module.sampling.temperature)
@@ -106,16 +133,22 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
     pad, budget, packed = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch, module.optim.packed
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
+    parts = {}
+    for r in plain:
+        find_span = ANSWER_SPANS.get(batch[rollouts.group[r]].verifier)
+        span = find_span(rollouts.response_text[r], module.verifier.strict) if find_span else None
+        parts[r] = response_parts(module.tokenizer, rollouts.response_ids[r], rollouts.finished[r], span)
     with module.run_as(module.roles.student) as model:
         student = _mean_logp_and_entropy(score_rollouts(model, plain, lengths, pad, budget, packed),
-                                         output_weight(model), rollouts.response_ids)
+                                         output_weight(model), rollouts.response_ids, parts)
     per_variant = {}
     for name in variants:
         contexts = build_teacher_contexts(batch, rollouts, module.tokenizer, variant_peers(module.peers, name),
                                           seed_key=f"{module.seed}:analyze")
         sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts)
                      if c.active and r in plain}
-        per_variant[name] = _mean_logp_and_entropy(*module.score_teacher(sequences, lengths), rollouts.response_ids)
+        per_variant[name] = _mean_logp_and_entropy(*module.score_teacher(sequences, lengths), rollouts.response_ids,
+                                                   parts)
         log.info("analysis: context %s scored (%d of %d; %.0f s)", name, len(per_variant), len(variants),
                  time.monotonic() - started)
     records = []
@@ -123,9 +156,9 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
         example = batch[rollouts.group[r]]
         records.append({
             "prompt": example.id, "reward": rollouts.reward[r], "success": rollouts.success[r],
-            "response_len": lengths[r], "student_logp": student[r][0], "student_entropy": student[r][1],
-            "teacher": {name: ({"logp": scores[r][0], "entropy": scores[r][1]} if r in scores else None)
-                        for name, scores in per_variant.items()},
+            "response_len": lengths[r], "answer_len": len(parts[r]["answer"]), "student_logp": student[r]["logp"],
+            "student_entropy": student[r]["entropy"], "student_parts": student[r]["parts"],
+            "teacher": {name: scores.get(r) for name, scores in per_variant.items()},
         })
     return records
 
@@ -228,6 +261,8 @@ def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0) 
 
 SEPARATION = ("auc", "pairwise_accuracy", "spearman", "kendall_gamma", "point_biserial", "brier", "top1_hit")
 """Metrics of how well the score separates a prompt's successes from its failures (prompts with both)."""
+PART_AUCS = tuple(f"auc_{part}" for part in PARTS)
+"""The AUC of the score on each part of the response alone."""
 
 LABEL_BLIND = ("random_peer", "swapped_labels")
 """Controls that show the group's rollouts without their verified labels (random_peer) or against them
@@ -238,6 +273,28 @@ they succeeded: the success-and-failure contrast MOPD is built on is not what mo
 def score(record: Dict[str, Any], variant: str) -> float:
     """A rollout's score under a context: teacher minus student mean log-prob on the rollout's own tokens."""
     return record["teacher"][variant]["logp"] - record["student_logp"]
+
+
+def part_score(record: Dict[str, Any], variant: Optional[str], part: str) -> Optional[float]:
+    """The same score on one part of the response (``PARTS``); the student's own mean log-prob there when
+    ``variant`` is None; None where the rollout has no such part (or its record predates parts)."""
+    student = (record.get("student_parts") or {}).get(part)
+    if variant is None or student is None:
+        return student
+    teacher = ((record["teacher"].get(variant) or {}).get("parts") or {}).get(part)
+    return None if teacher is None else teacher - student
+
+
+def _part_aucs(group: Sequence[Dict[str, Any]], variant: Optional[str]) -> Dict[str, float]:
+    """Per part, the AUC of the part's score over the prompt's rollouts that have that part (both outcomes needed)."""
+    out = {}
+    for part in PARTS:
+        scored = [(r["success"], part_score(r, variant, part)) for r in group]
+        positive = [v for ok, v in scored if ok and v is not None]
+        negative = [v for ok, v in scored if not ok and v is not None]
+        if positive and negative:
+            out[f"auc_{part}"] = auc(positive, negative)
+    return out
 
 
 def separation(scores: Sequence[float], rewards: Sequence[float], success: Sequence[bool]) -> Dict[str, float]:
@@ -265,15 +322,15 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
     summary = {"prompts": len(prompts), "rollouts": len(records),
                "success_rate": sum(r["success"] for r in records) / max(len(records), 1),
                "mixed_prompts": len(mixed), "variants": {}}
-    confidence = [separation([r["student_logp"] for r in group], [r["reward"] for r in group],
-                             [r["success"] for r in group]) for group in mixed.values()]
+    confidence = [{**separation([r["student_logp"] for r in group], [r["reward"] for r in group],
+                                [r["success"] for r in group]), **_part_aucs(group, None)} for group in mixed.values()]
     summary["student_confidence"] = {key: bootstrap_mean([c[key] for c in confidence if key in c], samples, seed)
-                                     for key in SEPARATION}
-    prompt_auc: Dict[str, Dict[str, float]] = {}
+                                     for key in SEPARATION + PART_AUCS}
+    prompt_auc: Dict[str, Dict[str, Dict[str, float]]] = {}  # variant -> auc or auc_<part> -> prompt -> value
     for name in variants:
-        per_prompt = {key: [] for key in SEPARATION + ("score", "gap", "entropy_gap", "success_score",
-                                                         "failure_score")}
-        prompt_auc[name] = {}
+        per_prompt = {key: [] for key in SEPARATION + PART_AUCS + ("score", "gap", "entropy_gap", "success_score",
+                                                                     "failure_score")}
+        prompt_auc[name] = {key: {} for key in ("auc",) + PART_AUCS}
         scored_rollouts = 0
         for prompt, group in prompts.items():
             scored = [(r, score(r, name), r["teacher"][name]["entropy"] - r["student_entropy"])
@@ -293,18 +350,21 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
             if positive and negative:
                 values = separation([s for _, s, _ in scored], [r["reward"] for r, _, _ in scored],
                                     [r["success"] for r, _, _ in scored])
-                prompt_auc[name][prompt] = values["auc"]
+                values.update(_part_aucs([r for r, _, _ in scored], name))
                 for key, value in values.items():
                     per_prompt[key].append(value)
+                    if key in prompt_auc[name]:
+                        prompt_auc[name][key][prompt] = value
         summary["variants"][name] = {"rollouts_scored": scored_rollouts}
         summary["variants"][name].update({key: bootstrap_mean(values, samples, seed)
                                           for key, values in per_prompt.items()})
     for name in variants:
         for control in LABEL_BLIND:
             if control in prompt_auc and control != name:
-                both = [p for p in prompt_auc[name] if p in prompt_auc[control]]
-                summary["variants"][name][f"auc_minus_{control}"] = bootstrap_mean(
-                    [prompt_auc[name][p] - prompt_auc[control][p] for p in both], samples, seed)
+                for key in ("auc", "auc_answer"):  # the whole response, and the answer span alone
+                    mine, theirs = prompt_auc[name][key], prompt_auc[control][key]
+                    summary["variants"][name][f"{key}_minus_{control}"] = bootstrap_mean(
+                        [mine[p] - theirs[p] for p in mine if p in theirs], samples, seed)
     return summary
 
 
@@ -342,6 +402,20 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
         for name, stats in summary["variants"].items():
             if name not in LABEL_BLIND:
                 lines.append(f"| {name} | " + " | ".join(_cell(stats[f"auc_minus_{c}"]) for c in controls) + " |")
+    if any(stats.get("auc_answer", {}).get("n") for stats in summary["variants"].values()):
+        margins = [c for c in LABEL_BLIND if any(f"auc_answer_minus_{c}" in s for s in summary["variants"].values())]
+        lines += ["", "**Where does the signal sit?** The same score on the answer span alone (where the verifier read "
+                  "the answer: the letter, the last `\\boxed{}`, the program), on the end-of-turn token of finished "
+                  "rollouts, and on every other token; prompts with both outcomes among the rollouts that have the "
+                  "part. An answer-span AUC above the whole response's is a signal the mean over all tokens dilutes.", "",
+                  "| context | AUC (whole) | AUC (answer span) | AUC (rest) | AUC (end of turn) | "
+                  + "".join(f"answer - {c} | " for c in margins), "|---" * (5 + len(margins)) + "|"]
+        rows = ([("*student's own log-prob (no teacher)*", summary["student_confidence"])]
+                if "auc_answer" in summary.get("student_confidence", {}) else [])
+        for label, stats in rows + list(summary["variants"].items()):
+            cells = [_cell(stats[key]) for key in ("auc",) + PART_AUCS]
+            cells += [_cell(stats[f"auc_answer_minus_{c}"]) if f"auc_answer_minus_{c}" in stats else "-" for c in margins]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "**How far is the teacher from the student?** All prompts. Gap = student minus teacher mean "
               "log-prob on the student's tokens, a per-token estimate of KL(student || teacher) at these weights; "
               "entropy gap = teacher minus student mean entropy (nats).", "",
@@ -354,8 +428,8 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
 
 
 def plot_report(summary: Dict[str, Any], path: Path, title: str) -> None:
-    """AUC and entropy gap per context variant, with their intervals; the AUC of the student's own log-prob as a
-    band."""
+    """AUC (of the whole response, and of the answer span alone) and entropy gap per context variant, with their
+    intervals; the AUC of the student's own log-prob as a band."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -363,19 +437,23 @@ def plot_report(summary: Dict[str, Any], path: Path, title: str) -> None:
 
     names = list(summary["variants"])
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, key, reference, label in ((axes[0], "auc", 0.5, "AUC (success vs failure)"),
-                                      (axes[1], "entropy_gap", 0.0, "teacher - student entropy (nats)")):
-        stats = [summary["variants"][n][key] for n in names]
-        xs = [i for i, s in enumerate(stats) if s["mean"] is not None]
-        means = [stats[i]["mean"] for i in xs]
-        errors = [[stats[i]["mean"] - stats[i]["low"] for i in xs], [stats[i]["high"] - stats[i]["mean"] for i in xs]]
-        ax.errorbar(xs, means, yerr=errors, fmt="o", capsize=4)
+    for ax, keys, reference, label in ((axes[0], ("auc", "auc_answer"), 0.5, "AUC (success vs failure)"),
+                                       (axes[1], ("entropy_gap",), 0.0, "teacher - student entropy (nats)")):
+        for offset, key in zip((0.0, 0.2), keys):
+            stats = [summary["variants"][n].get(key, {"mean": None}) for n in names]
+            xs = [i for i, s in enumerate(stats) if s["mean"] is not None]
+            means = [stats[i]["mean"] for i in xs]
+            errors = [[stats[i]["mean"] - stats[i]["low"] for i in xs],
+                      [stats[i]["high"] - stats[i]["mean"] for i in xs]]
+            ax.errorbar([x + offset for x in xs], means, yerr=errors, fmt="o" if offset == 0 else "s", capsize=4,
+                        label={"auc": "whole response", "auc_answer": "answer span"}.get(key))
         ax.axhline(reference, color="grey", linestyle="--", linewidth=1)
-        confidence = summary.get("student_confidence", {}).get(key)
+        confidence = summary.get("student_confidence", {}).get(keys[0])
         if confidence and confidence["mean"] is not None:  # the bar a teacher's score must clear
             ax.axhspan(confidence["low"], confidence["high"], color="tab:orange", alpha=0.15,
                        label="student's own log-prob (95% interval)")
             ax.axhline(confidence["mean"], color="tab:orange", linewidth=1)
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, loc="lower left")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=40, ha="right")

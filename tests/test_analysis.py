@@ -130,6 +130,8 @@ def test_records_on_a_tiny_model(tiny_model, lora):
     records = teacher_signal_records(module, examples(3), ["none", "1S", "2S1F"])
     assert len(records) == 12 and {r["prompt"] for r in records} == {"toy-0", "toy-1", "toy-2"}
     for r in records:
+        assert set(r["student_parts"]) == {"answer", "rest", "end"}  # the test verifier reads no answer span
+        assert r["student_parts"]["answer"] is None and r["answer_len"] == 0
         # Before training the EMA teacher is the student: on the plain prompt it scores exactly like it.
         assert r["teacher"]["none"]["logp"] == pytest.approx(r["student_logp"], abs=1e-5)
         assert r["teacher"]["none"]["entropy"] == pytest.approx(r["student_entropy"], abs=1e-5)
@@ -254,3 +256,48 @@ def test_swapped_labels_in_training_shows_only_true_failures_as_successes():
     for seed in range(100):
         for chosen in choose_peers(groups, success, config, [f"s{seed}"]):
             assert all(not success[p.rollout] for p in chosen if p.shown_success)
+
+
+def test_the_answer_span_is_the_tokens_that_spell_the_answer(tiny_model):
+    from transformers import AutoTokenizer
+
+    from mopd_lightning.analysis import response_parts
+    from mopd_lightning.rewards.sci import answer_span
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    text = "Think briefly. The answer is B because 1 km is 1000 m. <answer>B</answer>"
+    ids = tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    parts = response_parts(tokenizer, ids, True, answer_span(text, strict=True))
+    assert parts["end"] == [len(ids) - 1]
+    assert "B" in tokenizer.decode([ids[k] for k in parts["answer"]]) and len(parts["answer"]) <= 2
+    assert sorted(parts["answer"] + parts["rest"] + parts["end"]) == list(range(len(ids)))
+    assert response_parts(tokenizer, ids[:-1], False, None) == {"answer": [], "rest": list(range(len(ids) - 1)),
+                                                              "end": []}
+
+
+def parts_record(prompt, success, informative_answer, shown):
+    """A rollout whose answer-span score separates successes when ``informative_answer`` and whose rest never does."""
+    answer = (1.0 if success else -1.0) if informative_answer else 0.0
+    return {"prompt": prompt, "reward": float(success), "success": success, "response_len": 20, "answer_len": 1,
+            "student_logp": -1.0, "student_entropy": 1.0,
+            "student_parts": {"answer": -2.0, "rest": -1.0, "end": -0.5},
+            "teacher": {name: {"logp": -1.0 + answer / 20, "entropy": 1.0,
+                               "parts": {"answer": -2.0 + answer, "rest": -1.0, "end": -0.5}}
+                        for name in shown}}
+
+
+def test_a_signal_on_the_answer_alone_is_found_where_the_whole_response_dilutes_it():
+    records = [dict(parts_record(f"p{p}", ok, True, ["2S1F"]),
+                    teacher={**parts_record(f"p{p}", ok, True, ["2S1F"])["teacher"],
+                             **parts_record(f"p{p}", ok, False, ["random_peer"])["teacher"]})
+               for p in range(6) for ok in (True, False, False)]
+    summary = summarize(records, ["2S1F", "random_peer"], samples=50)
+    informed, blind = summary["variants"]["2S1F"], summary["variants"]["random_peer"]
+    assert informed["auc_answer"]["mean"] == 1.0 and informed["auc_rest"]["mean"] == 0.5
+    assert informed["auc_end"]["mean"] == 0.5 and blind["auc_answer"]["mean"] == 0.5
+    assert informed["auc_answer_minus_random_peer"]["mean"] == 0.5
+    assert summary["student_confidence"]["auc_answer"]["mean"] == 0.5
+    from mopd_lightning.analysis import markdown_report
+
+    table = markdown_report(summary, "t")
+    assert "**Where does the signal sit?**" in table and "| 2S1F | 1.000" in table.split("Where does")[1]

@@ -201,10 +201,15 @@ def test_analyze_writes_json_markdown_and_plot(tiny_model, tmp_path):
     assert report["summary"]["prompts"] == 4 and len(report["records"]) == report["summary"]["rollouts"] > 0
     assert (tmp_path / "report" / "analysis.png").stat().st_size > 0
     table = (tmp_path / "report" / "analysis.md").read_text()
-    # one row in each table: separation, use of the labels (not the label-blind control itself) and gap
-    for name, tables in (("none", 3), ("1S1F", 3), ("swapped_labels", 2)):
+    # one row in each table: separation, use of the labels (not the label-blind control itself), the answer span
+    # (when some rollout of random text read as an answer) and gap
+    parts = "**Where does the signal sit?**" in table
+    for name, tables in (("none", 3 + parts), ("1S1F", 3 + parts), ("swapped_labels", 2 + parts)):
         assert table.count(f"| {name} |") == tables and result.stdout.count(f"| {name} |") == tables
     assert "| 2S1F |" not in table and report["meta"]["prompts"] == "embedded (num_val 4)"
+    meta = report["meta"]  # every setting that changes a score
+    assert meta["peer_context"]["dont_reprompt_on_self_success"] and "context_template" in meta["peer_context"]
+    assert (meta["top_p"], meta["top_k"], meta["dtype"], meta["teacher"]) == (1.0, 0, "float32", "ema")
     for line in ("analysis batch: 1/2,", "analysis batch: 2/2,", "analysis: context swapped_labels scored (3 of 3"):
         assert line in result.stderr  # progress as log lines: the output is not a terminal
 

@@ -49,6 +49,14 @@ def extract_code(response: str) -> str:
     return blocks[-1] if blocks else response
 
 
+def answer_span(response: str, strict: bool = True) -> Tuple[int, int]:
+    """Where the program stands in ``response`` (its last code block, or all of it), for the analysis's
+    answer-span score."""
+    code = extract_code(response)
+    start = max(response.rfind(code), 0)
+    return start, start + len(code)
+
+
 def _short(value: Any, limit: int = _FEEDBACK_FIELD) -> str:
     text = value if isinstance(value, str) else repr(value)
     text = " ".join(text.split()) if len(text) > limit else text

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from .base import Score
 
@@ -67,6 +67,14 @@ def extract_answer(response: str, strict: bool = True) -> Optional[str]:
         return None
     answer = answer.strip().strip("$").strip()
     return answer[:_MAX_ANSWER_CHARS] or None
+
+
+def answer_span(response: str, strict: bool = True) -> Optional[Tuple[int, int]]:
+    """Where the final answer stands in ``response`` (character offsets of its last occurrence), for the analysis's
+    answer-span score; None where there is none."""
+    answer = extract_answer(response, strict)
+    start = response.rfind(answer) if answer else -1
+    return (start, start + len(answer)) if start >= 0 else None
 
 
 def _parse(text: str):

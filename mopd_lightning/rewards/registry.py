@@ -8,8 +8,9 @@ counts: ``model.verifier.strict``) and ``sandbox`` (the least isolation code may
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional, Tuple
 
+from . import code, math, sci
 from .base import Verifier
 from .code import CodeVerifier
 from .math import verify_math, verify_math_lenient
@@ -22,6 +23,13 @@ VERIFIERS: Dict[str, Callable[[bool, str], Verifier]] = {
     "code": lambda strict, sandbox: CodeVerifier(sandbox=sandbox),
     "tool": lambda strict, sandbox: ToolVerifier(),
 }
+
+
+ANSWER_SPANS: Dict[str, Callable[[str, bool], Optional[Tuple[int, int]]]] = {
+    "sci": sci.answer_span, "math": math.answer_span, "code": code.answer_span,
+}
+"""Where each verifier reads the answer in a response (character offsets, given ``strict``), for the analysis's
+answer-span score; a domain without an entry has its whole response scored as the rest."""
 
 
 def get_verifier(name: str, strict: bool = True, sandbox: str = "auto") -> Verifier:
