@@ -2,7 +2,7 @@
 
     python benchmarks/compare_methods.py [--config configs/sci.yaml] [--steps 30] [--seeds 0 1]
         [--methods base mopd opd grpo sft_success blend] [--eval-prompts 100] [--eval-split test]
-        [--extra "--model.optim.lr 1e-6"] [--variant "name=--model.peers.n_failure 0"]
+        [--extra "--model.optim.lr 1e-6"] [--variant "name=--model.peers.n_failure 0"] [--also-eval sci]
 
 Every method trains from the same config (``--config``, as the README's main command runs it) with the same
 seeds, prompts and sampling budget, then answers the held-out test prompts: greedy accuracy, mean@k and pass@k,
@@ -36,6 +36,7 @@ import torch
 from mopd_lightning.analysis import bootstrap_mean
 from mopd_lightning.cli import MOPDCLI, MOPDTrainer
 from mopd_lightning.data import PromptDataModule
+from mopd_lightning.data.domains import DOMAINS
 from mopd_lightning.module import MOPDModule
 from mopd_lightning.rewards import get_verifier, verify_batch
 
@@ -119,6 +120,10 @@ def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
     data.setup("test" if split == "test" else "validate")
     examples = data.datasets[split][: args.eval_prompts]
     evaluation = evaluate(module, trainer, examples, args.k, args.eval_batch_size, args.verifiers)
+    for domain in args.also_eval:  # another domain's test prompts (same seed): does the training harm it?
+        others = DOMAINS[domain].embedded("test", seed, data.system_prompt)[: args.eval_prompts]
+        evaluation.update({f"{domain}:{name}": values for name, values in
+                           evaluate(module, trainer, others, args.k, args.eval_batch_size, args.verifiers).items()})
     return {"arm": arm, "seed": seed, "steps": steps, "settings": extra, "split": split, "train_s": train_s,
             "eval_s": time.perf_counter() - started - train_s, "curves": curves.rows,
             "prompts": [e.id for e in examples], "per_prompt": evaluation}
@@ -160,7 +165,9 @@ def _fmt(stat) -> str:
 
 def write(out: Path, runs, table, args, wall_s: float) -> None:
     k = args.k
-    metrics = [m for m in metric_names(k, args.verifiers) if any(m in row for row in table.values())]
+    names = metric_names(k, args.verifiers)
+    names += [f"{domain}:{name}" for domain in args.also_eval for name in names]
+    metrics = [m for m in names if any(m in row for row in table.values())]
     meta = {"command": " ".join([Path(sys.executable).name] + sys.argv), "config": args.config, "steps": args.steps,
             "seeds": args.seeds, "eval_prompts": args.eval_prompts, "k": k, "wall_s": wall_s,
             "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__}
@@ -245,6 +252,8 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], help="NAME=SETTINGS: one more arm")
     parser.add_argument("--extra", default="", help="settings added to every arm")
     parser.add_argument("--eval-split", choices=["test", "validation"], default="test")
+    parser.add_argument("--also-eval", nargs="*", default=[], metavar="DOMAIN",
+                        help="also answer these domains' embedded test prompts (e.g. sci: does training harm it?)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-prompts", type=int, default=100)

@@ -16,8 +16,8 @@ def test_compare_methods_writes_its_tables(tiny_model, tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "compare_methods.py"), "--steps", "1", "--seeds", "0", "1",
                "--eval-prompts", "4", "--eval-batch-size", "2", "--bootstrap", "50", "--methods", "base", "grpo",
                "--variant", "gated=--model.grpo.weight 0 --model.peers.require_success false", "--eval-split",
-               "validation", "--extra", f"--model.student {tiny_model} --model.sampling.max_new_tokens 6 "
-               "--data.num_train 8", "--out", str(out)]
+               "validation", "--also-eval", "math", "--extra", f"--model.student {tiny_model} "
+               "--model.sampling.max_new_tokens 6 --data.num_train 8", "--out", str(out)]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -26,6 +26,8 @@ def test_compare_methods_writes_its_tables(tiny_model, tmp_path):
     base = {r["seed"]: r["prompts"] for r in report["runs"] if r["arm"] == "base"}
     assert all(r["prompts"] == base[r["seed"]] for r in report["runs"])  # differences are paired within a seed
     assert "vs_base" in report["table"]["grpo"]["greedy_strict"]
+    assert "vs_base" in report["table"]["grpo"]["math:greedy_strict"]  # another domain's test prompts, paired too
+    assert all(len(r["per_prompt"]["math:mean@4_lenient"]) == 4 for r in report["runs"])
     assert all(r["split"] == "validation" and len(r["per_prompt"]["greedy_strict"]) == 4 for r in report["runs"])
     for r in report["runs"]:  # pass@k: whether any of the k answers succeeded, so never below their mean
         best, mean = r["per_prompt"]["pass@4_lenient"], r["per_prompt"]["mean@4_lenient"]
