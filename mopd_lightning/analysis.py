@@ -265,8 +265,8 @@ PART_AUCS = tuple(f"auc_{part}" for part in PARTS)
 """The AUC of the score on each part of the response alone."""
 
 LABEL_BLIND = ("random_peer", "swapped_labels")
-"""Controls that show the group's rollouts without their verified labels (random_peer) or against them
-(swapped_labels). A context whose AUC does not beat theirs, prompt by prompt, uses what the peers say, not whether
+"""Controls that show the group's rollouts with labels that say nothing (random_peer: random peers in the 2S1F
+slots, labelled by slot) or against the verifier's (swapped_labels). A context whose AUC does not beat theirs, prompt by prompt, uses what the peers say, not whether
 they succeeded: the success-and-failure contrast MOPD is built on is not what moves its teacher."""
 
 
@@ -396,7 +396,7 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
     controls = [c for c in LABEL_BLIND if any(f"auc_minus_{c}" in stats for stats in summary["variants"].values())]
     if controls:
         lines += ["", "**Does the context use the labels?** Each context's AUC minus a label-blind control's, paired by "
-                  "prompt: random_peer shows rollouts of the group without their labels, swapped_labels against them. "
+                  "prompt: random_peer shows rollouts of the group labelled at random, swapped_labels against their labels. "
                   "Near 0: what moves the teacher is the peers' content, not whether they succeeded.", "",
                   "| context | " + " | ".join(f"AUC - {c}" for c in controls) + " |", "|---" * (len(controls) + 1) + "|"]
         for name, stats in summary["variants"].items():

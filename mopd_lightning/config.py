@@ -181,7 +181,8 @@ class PeerConfig:
         failure_when: ``always`` includes failures whenever there are any; ``when_no_success`` only when the
             group holds no other success.
         context: ``peers`` (the method) or an ablation control: ``none`` (the teacher sees the plain prompt),
-            ``random_peer`` (n_success + n_failure peers drawn ignoring the verifier, shown with their labels),
+            ``random_peer`` (n_success + n_failure peers drawn ignoring the verifier, the first n_success shown as
+            successes and the rest as failures whatever they are, as the reference fills its 2S1F slots),
             ``unrelated_prompt`` (the success peers come from other prompts of the batch),
             ``swapped_labels`` (peers chosen and shown as if every label were flipped),
             ``success_only_matched`` (the failure slots filled with further successes).

@@ -53,8 +53,8 @@ def _pick(config: PeerConfig, others: List[int], success: Sequence[bool], elsewh
     if config.context == "none":
         return []
     size = config.n_success + config.n_failure
-    if config.context == "random_peer":
-        return [Peer(j, success[j]) for j in rng.sample(others, min(size, len(others)))]
+    if config.context == "random_peer":  # the mix's slots filled at random, labelled by slot: labels that say nothing
+        return [Peer(j, k < config.n_success) for k, j in enumerate(rng.sample(others, min(size, len(others))))]
     flipped = config.context == "swapped_labels"  # shown as successes: true failures only, never the rollout itself
     successes = [j for j in others if success[j] != flipped] + ([] if flipped else own)
     failures = [j for j in others if success[j] == flipped]

@@ -62,17 +62,22 @@ def test_context_none_has_no_peers():
     assert peers == [[] for _ in SUCCESS]
 
 
-def test_random_peer_ignores_labels_but_shows_them():
-    config = PeerConfig(n_success=1, n_failure=0, context="random_peer")
-    seen = set()
+def test_random_peer_ignores_labels_in_choosing_and_in_showing():
+    """The 2S1F slots filled with random peers of the group and labelled by slot (as the reference's control): what
+    the teacher is told about a peer says nothing about it."""
+    config = PeerConfig(n_success=2, n_failure=1, context="random_peer")
+    seen, told = set(), {True: [], False: []}
     for seed in range(60):
         for i, peers in enumerate(choose_peers(GROUPS, SUCCESS, config, [f"{seed}:{g}" for g in range(3)])):
-            assert len(peers) == 1 and peers[0].rollout != i
-            assert peers[0].rollout in GROUPS[i // 4]
-            assert peers[0].shown_success == SUCCESS[peers[0].rollout]
-            seen.add((i, peers[0].rollout))
-    # A failure of group 0 gets failures as its peer too, which the label-based rule (1S) never allows.
-    assert (1, 2) in seen and (1, 0) in seen
+            assert len(peers) == 3 and i not in [p.rollout for p in peers]
+            assert all(p.rollout in GROUPS[i // 4] for p in peers)
+            assert [p.shown_success for p in peers] == [True, True, False]
+            for p in peers:
+                seen.add((i, p.rollout))
+                told[p.shown_success].append(SUCCESS[p.rollout])
+    assert (1, 2) in seen and (1, 0) in seen  # a failure of group 0 may be shown failures and successes alike
+    shown_correct = sum(told[True]) / len(told[True])  # true successes among the peers shown as correct ...
+    assert abs(shown_correct - sum(told[False]) / len(told[False])) < 0.1  # ... as often as among those shown not
 
 
 def test_unrelated_prompt_takes_successes_from_other_prompts():

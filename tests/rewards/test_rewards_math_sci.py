@@ -152,3 +152,23 @@ def test_sci_answer_span_is_where_the_choice_was_read(response, strict, span):
 
     found = answer_span(response, strict)
     assert (response[found[0]:found[1]] if found else None) == span
+
+
+@pytest.mark.parametrize("response, strict, span", [
+    ("So x = 6, and the total is \\boxed{42}.", True, "42"),
+    ("The answer is 7/2", False, "7/2"),
+    ("The answer is 7/2", True, None),
+])
+def test_math_answer_span_is_the_final_answer(response, strict, span):
+    from mopd_lightning.rewards.math import answer_span
+
+    found = answer_span(response, strict)
+    assert (response[found[0]:found[1]] if found else None) == span
+
+
+def test_code_answer_span_is_the_program():
+    from mopd_lightning.rewards.code import answer_span
+
+    response = "Here it is:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    start, end = answer_span(response)
+    assert response[start:end].strip() == "def add(a, b):\n    return a + b"
