@@ -69,3 +69,32 @@ def test_qwen_coder_system_turn_is_the_same_for_student_and_teacher():
             assert "You are Qwen, created by Alibaba Cloud" in system
         else:
             assert system == f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+
+
+def test_the_analysis_says_yes_on_the_positive_control():
+    """On questions whose answer only the group's successes know (configs/peer_control.yaml), the demo model's teacher
+    shown a success moves toward its answer, on the answer span. The full run (48 prompts x 8,
+    benchmarks/results/analysis_peer_control_demo.md) gives 1S 0.97 [0.92, 1.00] and 2S1F 0.65 [0.52, 0.77] on the
+    answer span, 2S1F +0.17 [+0.05, +0.27] over random_peer, while the whole response says 0.49. These are its first
+    16 prompts in the same batches of 8, so the same rollouts (each a function of the seed and the prompt): there 1S
+    reaches 1.00 on 5 prompts, 2S1F 0.66 on the answer span against 0.58 on the whole response, +0.10 over
+    random_peer; the bounds leave room for float noise, not for a lost signal."""
+    from mopd_lightning.analysis import summarize, teacher_signal_records
+    from mopd_lightning.config import VerifierConfig
+
+    data = PromptDataModule(domain="facts", num_val=16, val_batch_size=8)
+    data.setup("validate")
+    module = MOPDModule(student="demo", sampling=SamplingConfig(group_size=8, max_new_tokens=64),
+                        verifier=VerifierConfig(strict=False))
+    module.setup("validate")
+    module.configure_model()
+    module.eval()
+    variants = ["1S", "2S1F", "random_peer"]
+    prompts = data.datasets["validation"]
+    with torch.no_grad():
+        records = [r for start in (0, 8) for r in teacher_signal_records(module, prompts[start:start + 8], variants)]
+    summary = summarize(records, variants, samples=200)
+    one, mixed = summary["variants"]["1S"], summary["variants"]["2S1F"]
+    assert one["auc_answer"]["n"] >= 4 and one["auc_answer"]["mean"] > 0.85
+    assert mixed["auc_answer"]["mean"] > max(0.6, mixed["auc"]["mean"])  # the answer span, not the whole response
+    assert mixed["auc_answer_minus_random_peer"]["mean"] > 0
