@@ -157,3 +157,15 @@ def test_the_side_by_side_leaves_a_report_with_too_few_mixed_prompts_undecided(t
     assert columns["analysis_sci_qwen"][rule] == "undecided (2 prompts with both outcomes)"
     assert columns["analysis_code_qwen"][rule] == "no"
     assert columns["analysis_code_qwen"]["AUC, 2S1F"] == "0.60 [0.48, 0.71]"
+
+
+def test_answer_token_gradient_writes_its_table(tiny_model, tmp_path):
+    out = tmp_path / "gradient"
+    command = [sys.executable, str(ROOT / "benchmarks" / "answer_token_gradient.py"), "--prompts", "2", "--seeds", "0",
+               "--extra", f"--model.student {tiny_model} --model.sampling.max_new_tokens 6", "--out", str(out)]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = json.loads(out.with_suffix(".json").read_text())["results"]
+    for method in ("mopd", "grpo"):
+        assert run[method]["answer"]["tokens"] + run[method]["rest"]["tokens"] == run["tokens"] > 0
+    assert "| 0 | mopd |" in out.with_suffix(".md").read_text()
