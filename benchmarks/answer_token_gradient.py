@@ -24,13 +24,12 @@ from typing import Dict, List
 
 import torch
 
-from mopd_lightning.analysis import response_parts
+from mopd_lightning.answers import rollout_parts
 from mopd_lightning.cli import MOPDCLI, MOPDTrainer
 from mopd_lightning.data import PromptDataModule
 from mopd_lightning.loss import distillation_loss, token_logprobs
 from mopd_lightning.module import MOPDModule
 from mopd_lightning.objectives import group_advantages
-from mopd_lightning.rewards.registry import ANSWER_SPANS
 from mopd_lightning.scoring import output_weight, response_hidden_states
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,13 +74,11 @@ def measure(config: str, seed: int, prompts: int, extra: List[str]) -> Dict:
     module.verify(batch, rollouts)
     signal = module.training_signal(batch, rollouts)
     rows = [r for r, context in enumerate(signal.contexts) if context.active and rollouts.response_ids[r]]
+    parts = rollout_parts(batch, rollouts, module.tokenizer, module.verifier.strict, rows)
     masks = []
     for r in rows:
-        find = ANSWER_SPANS.get(batch[rollouts.group[r]].verifier)
-        span = find(rollouts.response_text[r], module.verifier.strict) if find else None
-        parts = response_parts(module.tokenizer, rollouts.response_ids[r], rollouts.finished[r], span)
         mask = torch.zeros(len(rollouts.response_ids[r]), dtype=torch.bool)
-        mask[parts["answer"]] = True
+        mask[parts[r]["answer"]] = True
         masks.append(mask)
     answer = torch.cat(masks)
     tokens_of = {"answer": answer, "rest": ~answer}

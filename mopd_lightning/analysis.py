@@ -28,14 +28,14 @@ import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .answers import PARTS, rollout_parts
 from .config import PeerConfig
 from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
-from .rewards.registry import ANSWER_SPANS
 from .scoring import output_weight, score_rollouts
 
 log = logging.getLogger(__name__)
@@ -83,26 +83,6 @@ def score_settings(module) -> Dict[str, Any]:
                              if key not in ("n_success", "n_failure", "context", "max_peer_tokens")}}
 
 
-PARTS = ("answer", "rest", "end")
-"""Where in a response a score is also taken: the answer the verifier read (the letter, the last ``\\boxed{}``, the
-program), the end-of-turn token of a finished rollout, and every other token."""
-
-
-def response_parts(tokenizer, response_ids: Sequence[int], finished: bool,
-                   span: Optional[Tuple[int, int]]) -> Dict[str, List[int]]:
-    """The token positions of each part of one response: a token is in the answer when the characters it decodes
-    to overlap ``span`` (character offsets in the response's text)."""
-    end = [len(response_ids) - 1] if finished and response_ids else []
-    answer, before = [], 0
-    for k in range(len(response_ids) - len(end)) if span else ():
-        upto = len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True))
-        if upto > before and before < span[1] and upto > span[0]:
-            answer.append(k)
-        before = upto
-    taken = set(answer) | set(end)
-    return {"answer": answer, "rest": [k for k in range(len(response_ids)) if k not in taken], "end": end}
-
-
 def _mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
                            response_ids: Sequence[Sequence[int]], parts: Dict[int, Dict[str, List[int]]]
                            ) -> Dict[int, Dict[str, Any]]:
@@ -133,11 +113,7 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
     pad, budget, packed = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch, module.optim.packed
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
-    parts = {}
-    for r in plain:
-        find_span = ANSWER_SPANS.get(batch[rollouts.group[r]].verifier)
-        span = find_span(rollouts.response_text[r], module.verifier.strict) if find_span else None
-        parts[r] = response_parts(module.tokenizer, rollouts.response_ids[r], rollouts.finished[r], span)
+    parts = rollout_parts(batch, rollouts, module.tokenizer, module.verifier.strict, list(plain))
     with module.run_as(module.roles.student) as model:
         student = _mean_logp_and_entropy(score_rollouts(model, plain, lengths, pad, budget, packed),
                                          output_weight(model), rollouts.response_ids, parts)

@@ -307,6 +307,9 @@ class LossConfig:
         backend: ``auto`` (Triton kernels on CUDA, chunked PyTorch elsewhere), ``triton`` or ``torch``.
         fused_linear: apply the output projection inside the loss, chunk by chunk, so that the full logits
             never exist (top-k always goes through the logits).
+        tokens: ``all`` response tokens, or only the ``answer`` span the verifier read (the letter, the last
+            ``\\boxed{}``, the program; a token mean over those tokens; rollouts without one get no signal): where the
+            analysis finds the peers' information, on a short-answer task (README, "The positive control").
     """
 
     alpha: float = 0.5
@@ -316,9 +319,11 @@ class LossConfig:
     is_clip: float = 2.0
     backend: Literal["auto", "triton", "torch"] = "auto"
     fused_linear: bool = True
+    tokens: Literal["all", "answer"] = "all"
 
     def __post_init__(self):
         _require(0 <= self.alpha <= 1, "model.loss.alpha", f"is {self.alpha}; must lie in [0, 1]")
+        _require(self.tokens in ("all", "answer"), "model.loss.tokens", f"is {self.tokens!r}; expected all or answer")
         _require(self.temperature > 0, "model.loss.temperature", "must be positive")
         _require(self.topk is None or self.topk >= 1, "model.loss.topk", "must be null or >= 1")
         _require(self.is_clip >= 1, "model.loss.is_clip", "must be >= 1")

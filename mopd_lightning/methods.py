@@ -50,6 +50,11 @@ class Method:
     def needs_old_logp(self) -> bool:
         return any(objective.needs_old_logp for _, objective in self.objectives)
 
+    @property
+    def distils_answers_only(self) -> bool:
+        """Whether the distillation reads only the answer's tokens (``model.loss.tokens: answer``)."""
+        return any(isinstance(o, Distillation) and o.config.tokens == "answer" for _, o in self.objectives)
+
     def learns_from(self, rewards: Sequence[float], success: Sequence[bool]) -> bool:
         """Whether a group with these rewards gives any of the method's objectives a signal (dynamic sampling)."""
         return any(objective.learns_from(rewards, success) for _, objective in self.objectives)

@@ -20,6 +20,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
+from .answers import rollout_parts
 from .config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LoRAConfig, LossConfig, OptimConfig, PeerConfig,
                      SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
 from .data.example import Example
@@ -324,6 +325,12 @@ class MOPDModule(pl.LightningModule):
         if self.method.needs_teacher:
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
+            if self.method.distils_answers_only:  # a rollout without an answer to distil on gets no signal
+                active = [r for r, context in enumerate(signal.contexts) if context.active]
+                parts = rollout_parts(batch, rollouts, self.tokenizer, self.verifier.strict, active)
+                signal.answer_positions = {r: parts[r]["answer"] for r in active}
+                for r in active:
+                    signal.contexts[r].active = bool(signal.answer_positions[r])
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
             signal.teacher_hidden, signal.teacher_weight = self.score_teacher(sequences, lengths)
         if self.method.needs_advantages:

@@ -35,6 +35,16 @@ class TrainingSignal:
     teacher_weight: Optional[torch.Tensor] = None  # the teacher's output projection (V, H)
     advantages: Optional[List[float]] = None  # per rollout (GRPO)
     reference_logp: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens,) (KL)
+    answer_positions: Dict[int, List[int]] = field(default_factory=dict)  # rollout -> its answer's tokens
+    # (distillation on the answer alone, model.loss.tokens: answer)
+
+
+class Objective:
+    """The token count an objective's mean divides by: every response token of its counted rollouts, unless the
+    objective says otherwise."""
+
+    def tokens(self, rollouts: Rollouts, signal: TrainingSignal, rows: Sequence[int]) -> int:
+        return rollouts.tokens(rows)
 
 
 class MicroBatch:
@@ -63,6 +73,13 @@ class MicroBatch:
         with torch.no_grad():
             return token_logprobs(self.hidden, self.weight, self.tokens, temperature=self.temperature)
 
+    def at_positions(self, positions: Sequence[Sequence[int]]) -> torch.Tensor:
+        """1 at the given token positions of each row (``positions[i]`` for row i), 0 elsewhere."""
+        mask = torch.zeros(sum(self.lengths), device=self.hidden.device)
+        starts = [sum(self.lengths[:i]) for i in range(len(self.lengths))]
+        mask[[start + k for start, row in zip(starts, positions) for k in row]] = 1.0
+        return mask
+
     def per_token(self, values: Sequence[float]) -> torch.Tensor:
         """One value per row, repeated over that row's tokens."""
         return torch.repeat_interleave(torch.tensor(values, dtype=torch.float32, device=self.hidden.device),
@@ -83,8 +100,9 @@ class MicroBatch:
         return part
 
 
-class Distillation:
-    """Token-level divergence from the teacher under the peer context (MOPD, OPD, teacher-OPD).
+class Distillation(Objective):
+    """Token-level divergence from the teacher under the peer context (MOPD, OPD, teacher-OPD), on every response
+    token or on the answer's alone (``loss.tokens``).
 
     Reused rollouts (``optim.updates_per_batch > 1``) weight each token by ``min(exp(logp - logp_old), is_clip)``
     (detached); on the first, on-policy update that weight is exactly 1.
@@ -106,12 +124,19 @@ class Distillation:
         """The contrast MOPD is built on: a success and a failure to show."""
         return len(set(success)) == 2
 
+    def tokens(self, rollouts: Rollouts, signal: TrainingSignal, rows: Sequence[int]) -> int:
+        if self.config.tokens == "answer":
+            return sum(len(signal.answer_positions[r]) for r in rows)
+        return rollouts.tokens(rows)
+
     def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
         teacher_hidden = torch.cat([signal.teacher_hidden[r] for r in batch.rows])
         if batch.old_logp is None:
             weights = torch.ones(batch.hidden.shape[0], device=batch.hidden.device)
         else:
             weights = (batch.current_logp() - batch.old_logp).exp().clamp(max=self.config.is_clip)
+        if self.config.tokens == "answer":
+            weights = weights * batch.at_positions([signal.answer_positions[r] for r in batch.rows])
         return distillation_loss(batch.hidden, batch.weight, teacher_hidden, signal.teacher_weight, weights,
                                  self.config)
 
@@ -130,7 +155,7 @@ def group_advantages(rollouts: Rollouts, config: GRPOConfig) -> List[float]:
     return advantages
 
 
-class ClippedPolicyGradient:
+class ClippedPolicyGradient(Objective):
     """GRPO: ``-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A)`` per token, ``ratio = exp(logp - logp_old)``,
     plus ``kl_coef`` times the k3 estimate of KL(student || initial student). Token mean over all rollouts.
 
@@ -166,7 +191,7 @@ class ClippedPolicyGradient:
         return loss.sum()
 
 
-class SuccessLikelihood:
+class SuccessLikelihood(Objective):
     """Rejection-sampling fine-tuning: token negative log-likelihood of the verified successes."""
 
     name = "sft"

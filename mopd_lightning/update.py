@@ -34,7 +34,8 @@ class StudentUpdate:
         plans = [objective.rows(rollouts, signal) for _, objective in self.objectives]
         self.plans = [(set(rows), counted) for rows, counted in plans]
         self.forward = sorted(set().union(*(rows for rows, _ in self.plans)))
-        self.normalisers = [module.all_reduce(float(rollouts.tokens(counted))) for _, counted in self.plans]
+        self.normalisers = [module.all_reduce(float(objective.tokens(rollouts, signal, counted)))
+                            for (_, objective), (_, counted) in zip(self.objectives, self.plans)]
 
     def run(self) -> Dict[str, Any]:
         module, rollouts = self.module, self.rollouts

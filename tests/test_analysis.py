@@ -261,7 +261,7 @@ def test_swapped_labels_in_training_shows_only_true_failures_as_successes():
 def test_the_answer_span_is_the_tokens_that_spell_the_answer(tiny_model):
     from transformers import AutoTokenizer
 
-    from mopd_lightning.analysis import response_parts
+    from mopd_lightning.answers import response_parts
     from mopd_lightning.rewards.sci import answer_span
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

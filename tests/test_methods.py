@@ -123,6 +123,48 @@ def test_distillation_objective_with_importance_weights():
     torch.testing.assert_close(got.double(), (weights * per_token).sum(), rtol=1e-5, atol=1e-7)
 
 
+def test_distillation_on_the_answer_alone_is_the_divergence_of_its_tokens():
+    """``loss.tokens: answer``: the divergence on the answer's tokens only, and their count as the mean's divisor."""
+    from mopd_kernels.reference import generalized_jsd_reference
+
+    batch = micro_batch(seed=4)
+    teacher = torch.randn(10, 8, generator=torch.Generator().manual_seed(5))
+    positions = {row: [k for k in range(n) if (k + row) % 3 == 0] for row, n in zip(batch.rows, batch.lengths)}
+    signal = TrainingSignal(teacher_hidden=dict(zip(batch.rows, teacher.split(batch.lengths))),
+                            teacher_weight=batch.weight.detach() * 0.5, answer_positions=positions)
+    objective = Distillation(LossConfig(tokens="answer", backend="torch"))
+    per_token = generalized_jsd_reference(batch.hidden.double() @ batch.weight.double().T,
+                                          teacher.double() @ signal.teacher_weight.double().T, reduction="none")
+    starts = [sum(batch.lengths[:i]) for i in range(len(batch.rows))]
+    chosen = [start + k for start, row in zip(starts, batch.rows) for k in positions[row]]
+    torch.testing.assert_close(objective.loss_sum(batch, signal).double(), per_token[chosen].sum(), rtol=1e-5,
+                               atol=1e-7)
+    part = batch.select(batch.rows[1:])  # the positions follow their rows into a selection
+    part_chosen = [starts[1 + i] + k for i, row in enumerate(part.rows) for k in positions[row]]
+    torch.testing.assert_close(objective.loss_sum(part, signal).double(), per_token[part_chosen].sum(), rtol=1e-5,
+                               atol=1e-7)
+    assert objective.tokens(None, signal, batch.rows) == len(chosen)
+
+
+def test_distillation_on_the_answer_trains_only_rollouts_with_one(tiny_model, monkeypatch):
+    from mopd_lightning.rewards.registry import ANSWER_SPANS
+
+    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict: (0, 2) if len(text) % 3 else None)
+    module = make(tiny_model, "mopd", loss=LossConfig(tokens="answer"))
+    batch = examples(2)
+    rollouts = module.sample(batch, "train", 4, 1.0)
+    module.verify(batch, rollouts)
+    signal = module.training_signal(batch, rollouts)
+    active = [r for r, c in enumerate(signal.contexts) if c.active]
+    assert active and all(signal.answer_positions[r] for r in active)
+    assert all(len(rollouts.response_text[r]) % 3 for r in active)  # the others read no answer: no signal
+    assert all(0 in signal.answer_positions[r] for r in active)  # the span's first characters: the first token
+    before = snapshot(module.student)
+    trainer = run(module)
+    assert torch.isfinite(trainer.logged_metrics["train/loss"])
+    assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+
+
 def test_micro_batch_select_keeps_rows_and_their_tokens():
     batch = micro_batch()
     batch.old_logp = batch.current_logp()
