@@ -95,8 +95,9 @@ def measure(config: str, seed: int, prompts: int, extra: List[str]) -> Dict:
     logp = token_logprobs(hidden, weight, tokens, temperature=module.sampling.temperature)
     ratio = (logp - logp.detach()).exp()  # 1, with the gradient of log p: GRPO's first update
     grpo = split(module, lambda mask: -(per_token_advantage * ratio * mask).sum(), tokens_of, total)
-    return {"seed": seed, "prompts": prompts, "rollouts": len(rollouts), "success_rate": sum(rollouts.success) / len(rollouts),
-            "rows_with_context": len(rows), "tokens": total, "mopd": mopd, "grpo": grpo}
+    return {"seed": seed, "prompts": prompts, "rollouts": len(rollouts),
+            "success_rate": sum(rollouts.success) / len(rollouts), "rows_with_context": len(rows), "tokens": total,
+            "mopd": mopd, "grpo": grpo}
 
 
 def main() -> None:
@@ -123,8 +124,8 @@ def main() -> None:
         for method in ("mopd", "grpo"):
             m = r[method]  # GRPO's loss (minus the advantage, per token) sums to about 0: no share to give
             share = f"{m['answer']['loss'] / m['loss']:.2f}" if method == "mopd" and m["loss"] else "-"
-            lines.append(f"| {r['seed']} | {method} | {r['success_rate']:.2f} | {m['answer']['tokens']} / {r['tokens']} | "
-                         f"{share} | {m['answer']['grad_norm']:.3g} | {m['rest']['grad_norm']:.3g} | "
+            lines.append(f"| {r['seed']} | {method} | {r['success_rate']:.2f} | {m['answer']['tokens']} / "
+                         f"{r['tokens']} | {share} | {m['answer']['grad_norm']:.3g} | {m['rest']['grad_norm']:.3g} | "
                          f"{m['answer']['cosine_with_whole']:.2f} | {m['rest']['cosine_with_whole']:.2f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -242,8 +242,9 @@ PART_AUCS = tuple(f"auc_{part}" for part in PARTS)
 
 LABEL_BLIND = ("random_peer", "swapped_labels")
 """Controls that show the group's rollouts with labels that say nothing (random_peer: random peers in the 2S1F
-slots, labelled by slot) or against the verifier's (swapped_labels). A context whose AUC does not beat theirs, prompt by prompt, uses what the peers say, not whether
-they succeeded: the success-and-failure contrast MOPD is built on is not what moves its teacher."""
+slots, labelled by slot) or against the verifier's (swapped_labels). A context whose AUC does not beat theirs,
+prompt by prompt, uses what the peers say, not whether they succeeded: the success-and-failure contrast MOPD is
+built on is not what moves its teacher."""
 
 
 def score(record: Dict[str, Any], variant: str) -> float:
@@ -372,7 +373,8 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
     controls = [c for c in LABEL_BLIND if any(f"auc_minus_{c}" in stats for stats in summary["variants"].values())]
     if controls:
         lines += ["", "**Does the context use the labels?** Each context's AUC minus a label-blind control's, paired by "
-                  "prompt: random_peer shows rollouts of the group labelled at random, swapped_labels against their labels. "
+                  "prompt: random_peer shows rollouts of the group labelled at random, swapped_labels against their "
+                  "labels. "
                   "Near 0: what moves the teacher is the peers' content, not whether they succeeded.", "",
                   "| context | " + " | ".join(f"AUC - {c}" for c in controls) + " |", "|---" * (len(controls) + 1) + "|"]
         for name, stats in summary["variants"].items():
@@ -383,14 +385,16 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
         lines += ["", "**Where does the signal sit?** The same score on the answer span alone (where the verifier read "
                   "the answer: the letter, the last `\\boxed{}`, the program), on the end-of-turn token of finished "
                   "rollouts, and on every other token; prompts with both outcomes among the rollouts that have the "
-                  "part. An answer-span AUC above the whole response's is a signal the mean over all tokens dilutes.", "",
+                  "part. An answer-span AUC above the whole response's is a signal the mean over all tokens "
+                  "dilutes.", "",
                   "| context | AUC (whole) | AUC (answer span) | AUC (rest) | AUC (end of turn) | "
                   + "".join(f"answer - {c} | " for c in margins), "|---" * (5 + len(margins)) + "|"]
         rows = ([("*student's own log-prob (no teacher)*", summary["student_confidence"])]
                 if "auc_answer" in summary.get("student_confidence", {}) else [])
         for label, stats in rows + list(summary["variants"].items()):
             cells = [_cell(stats[key]) for key in ("auc",) + PART_AUCS]
-            cells += [_cell(stats[f"auc_answer_minus_{c}"]) if f"auc_answer_minus_{c}" in stats else "-" for c in margins]
+            cells += [_cell(stats[f"auc_answer_minus_{c}"]) if f"auc_answer_minus_{c}" in stats else "-"
+                      for c in margins]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "**How far is the teacher from the student?** All prompts. Gap = student minus teacher mean "
               "log-prob on the student's tokens, a per-token estimate of KL(student || teacher) at these weights; "

@@ -220,7 +220,8 @@ def test_every_update_is_seen_by_callbacks_and_the_first_is_logged(tiny_model):
         torch.manual_seed(0)
         module, seen[updates] = make(tiny_model, optim=OptimConfig(lr=1e-2, updates_per_batch=updates,
                                                                   grad_clip=1e-3)), SeenGradients()
-        logged[updates] = {k: float(v) for k, v in run(module, steps=1, callbacks=[seen[updates]]).logged_metrics.items()}
+        trainer = run(module, steps=1, callbacks=[seen[updates]])
+        logged[updates] = {k: float(v) for k, v in trainer.logged_metrics.items()}
     assert len(seen[1].norms) == 1 and len(seen[3].norms) == 3 and min(seen[3].norms) > 1e-3  # unclipped
     assert logged[3]["train/loss"] == pytest.approx(logged[1]["train/loss"], rel=1e-5)
     assert logged[3]["train/grad_norm"] == pytest.approx(logged[1]["train/grad_norm"], rel=1e-5)
