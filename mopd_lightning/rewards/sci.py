@@ -11,9 +11,10 @@ Yes/true and no/false are the same answer. Strict (the default, and the referenc
 the tag the prompt asks for counts. Lenient: without a tag, a response is still read when it is nothing but a
 choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), states one ("the answer is B", "Answer: B",
 ``\boxed{B}``, as the 0.5B coder writes) or starts a line with an option label (``"B. 120 N"``), as small models
-often answer; a 135M model's "successes" are then mostly such guesses. A response that names more than one choice
-(every option listed, "C. Quarel\nAnswer: D", a tag holding "A or B") is not read as any, in either mode: it would
-show the teacher a peer labelled correct that is not.
+often answer; a 135M model's "successes" are then mostly such guesses. The options restated line by line are not an
+answer (a listing with no statement after it names none), and a response that names more than one choice ("C.
+Quarel\nAnswer: D", a tag holding "A or B") is not read as any, in either mode: it would show the teacher a peer
+labelled correct that is not.
 """
 
 from __future__ import annotations
@@ -68,14 +69,16 @@ def answer_tag_span(response: str) -> Optional[Tuple[int, int]]:
 
 def _untagged(response: str) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
     """The choice a response without a tag names, and where: the whole response when it is only a choice, else every
-    statement of an answer ("the answer is B", "Answer: C", ``\boxed{C}``) and every line that starts with an option
-    label ("B. 120 N"); a response naming more than one choice that way (all options listed, "C. ...\nAnswer: D")
-    names none."""
+    statement of an answer ("the answer is B", "Answer: C", ``\boxed{C}``) and a line that starts with an option
+    label ("B. 120 N"). Lines starting with several different labels are the options restated, not an answer; a
+    response naming more than one choice ("C. ...\nAnswer: D", two different statements) names none."""
     bare = _canonical(response)
     if len(bare) == 1 and bare.isalpha() or bare in ("TRUE", "FALSE"):
         return bare, (0, len(response))
-    found = sorted([(m.start(1), m.end(1), _canonical(m.group(1))) for m in _STATED.finditer(response)]
-                   + [(m.start(1), m.end(1), m.group(1)) for m in _LABELLED_LINE.finditer(response)])
+    labelled = [(m.start(1), m.end(1), m.group(1)) for m in _LABELLED_LINE.finditer(response)]
+    if len({choice for _, _, choice in labelled}) > 1:
+        labelled = []
+    found = sorted([(m.start(1), m.end(1), _canonical(m.group(1))) for m in _STATED.finditer(response)] + labelled)
     if len({choice for _, _, choice in found}) != 1:
         return None, None
     start, end, choice = found[-1]

@@ -109,7 +109,9 @@ SKE = {"choices": {"text": ["True", "False"], "label": ["A", "B"]}, "answerKey":
         ("Let me think. F = ma.\nAnswer: C", "C", 0.0, 1.0),
         ("The force is 120 N, so \\boxed{C}", "C", 0.0, 1.0),
         ("Answer: Yes", "Yes", 0.0, 1.0),
-        ("A. Eriqin\nB. Awatahr\nC. Quarel\nD. Panjab", "A", 0.0, 0.0),  # every option listed
+        ("A. Eriqin\nB. Awatahr\nC. Quarel\nD. Panjab", "A", 0.0, 0.0),  # every option listed, no answer
+        ("A. 11 cm\nB. 0.11 m\nC. 0.011 m\n\nThe correct answer is:\nC. 0.011 m", "C", 0.0, 1.0),  # restated, answered
+        ("A. 11 cm\nB. 0.11 m\nThe answer is B, or maybe the answer is A", "B", 0.0, 0.0),  # two statements
         ("C. Quarel\nAnswer: D. Panjab", "C", 0.0, 0.0),  # a leading label, then another answer
         ("C. Quarel\nAnswer: D. Panjab", "D", 0.0, 0.0),
         ("The answer is B.\nB. 120 N", "B", 0.0, 1.0),  # the same choice twice is one choice
