@@ -6,8 +6,10 @@ On one batch of sampled and verified groups (as a training step draws them), the
 (the distillation divergence under the 2S1F context, token mean over the step) and of GRPO (the policy gradient at
 ratio 1, token mean) is split into its part on the answer span (the tokens where the verifier read the answer) and
 its part on every other token; each part is backpropagated alone. Per method: the tokens' share, the loss's share,
-the gradient norm of each part and its cosine with the whole gradient. The teacher-signal analysis says where the
-peers' information sits (the answer span, on the positive control); this says how much of an update follows it.
+the gradient norm of each part and its cosine with the whole gradient; and where MOPD's target moves on each part
+(the teacher's entropy and its log-prob of the sampled token, minus the student's). The teacher-signal analysis says
+where the peers' information sits (the answer span, on the positive control); this says how much of an update
+follows it, and what else the target carries there.
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/answer_token_gradient``).
 """
@@ -27,7 +29,7 @@ import torch
 from mopd_lightning.answers import rollout_parts
 from mopd_lightning.cli import MOPDCLI, MOPDTrainer
 from mopd_lightning.data import PromptDataModule
-from mopd_lightning.loss import distillation_loss, token_logprobs
+from mopd_lightning.loss import distillation_loss, entropy_and_logprobs, token_logprobs
 from mopd_lightning.module import MOPDModule
 from mopd_lightning.objectives import group_advantages
 from mopd_lightning.scoring import output_weight, response_hidden_states
@@ -63,8 +65,22 @@ def split(module: MOPDModule, per_token_loss, tokens_of: Dict[str, torch.Tensor]
     for name, loss in parts.items():
         g = grads[name]
         out[name] = {"tokens": int(tokens_of[name].sum()), "loss": float(loss.detach()),
-                     "grad_norm": float(g.norm()), "cosine_with_whole": float(g @ whole / (g.norm() * whole.norm()))}
+                     "grad_norm": float(g.norm()),
+                     "cosine_with_whole": float(g @ whole / (g.norm() * whole.norm())) if g.norm() > 0 else None}
     return out
+
+
+def teacher_shift(student, weight, teacher, teacher_weight, tokens, tokens_of, success) -> Dict[str, Dict]:
+    """Where the target moves, per part: teacher minus student entropy, and teacher minus student log p of the
+    sampled token on successes and on failures (the peers' information: up on successes, down on failures)."""
+    s_entropy, s_logp = entropy_and_logprobs(student, weight, tokens)
+    t_entropy, t_logp = entropy_and_logprobs(teacher, teacher_weight, tokens)
+    def mean(values, mask):  # None where no token has the part (a tiny model rarely names an answer)
+        return float(values[mask].mean()) if mask.any() else None
+
+    shift = t_logp - s_logp
+    return {name: {"entropy_gap": mean(t_entropy - s_entropy, mask), "logp_shift_success": mean(shift, mask & success),
+                   "logp_shift_failure": mean(shift, mask & ~success)} for name, mask in tokens_of.items()}
 
 
 def measure(config: str, seed: int, prompts: int, extra: List[str]) -> Dict:
@@ -89,6 +105,8 @@ def measure(config: str, seed: int, prompts: int, extra: List[str]) -> Dict:
     teacher = torch.cat([signal.teacher_hidden[r] for r in rows])
     tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]])
     total = len(tokens)
+    targets = teacher_shift(hidden.detach(), weight, teacher, signal.teacher_weight, tokens, tokens_of,
+                            torch.tensor([rollouts.success[r] for r in rows for _ in rollouts.response_ids[r]]))
     mopd = split(module, lambda mask: distillation_loss(hidden, weight, teacher, signal.teacher_weight, mask.float(),
                                                         module.method.objectives[0][1].config), tokens_of, total)
     advantages = group_advantages(rollouts, module.grpo)
@@ -98,7 +116,7 @@ def measure(config: str, seed: int, prompts: int, extra: List[str]) -> Dict:
     grpo = split(module, lambda mask: -(per_token_advantage * ratio * mask).sum(), tokens_of, total)
     return {"seed": seed, "prompts": prompts, "rollouts": len(rollouts),
             "success_rate": sum(rollouts.success) / len(rollouts), "rows_with_context": len(rows), "tokens": total,
-            "mopd": mopd, "grpo": grpo}
+            "teacher": targets, "mopd": mopd, "grpo": grpo}
 
 
 def main() -> None:
@@ -121,13 +139,25 @@ def main() -> None:
              "backpropagated alone (token mean over all the step's tokens, as the update divides).", "",
              "| seed | method | success rate | answer tokens / all | loss share on the answer | grad norm: answer | "
              "grad norm: rest | cosine (answer, whole) | cosine (rest, whole) |", "|---" * 9 + "|"]
+    def cosine(part):
+        return "-" if part["cosine_with_whole"] is None else f"{part['cosine_with_whole']:.2f}"
+
     for r in results:
         for method in ("mopd", "grpo"):
             m = r[method]  # GRPO's loss (minus the advantage, per token) sums to about 0: no share to give
             share = f"{m['answer']['loss'] / m['loss']:.2f}" if method == "mopd" and m["loss"] else "-"
             lines.append(f"| {r['seed']} | {method} | {r['success_rate']:.2f} | {m['answer']['tokens']} / "
                          f"{r['tokens']} | {share} | {m['answer']['grad_norm']:.3g} | {m['rest']['grad_norm']:.3g} | "
-                         f"{m['answer']['cosine_with_whole']:.2f} | {m['rest']['cosine_with_whole']:.2f} |")
+                         f"{cosine(m['answer'])} | {cosine(m['rest'])} |")
+    lines += ["", "The target on each part, teacher (the 2S1F context) minus student: entropy (nats), and log p of the "
+              "sampled token on successes and on failures.", "",
+              "| seed | entropy gap: answer | entropy gap: rest | log p shift, answer: success | failure | "
+              "log p shift, rest: success | failure |", "|---" * 7 + "|"]
+    for r in results:
+        cells = [r["teacher"][part][key] for part in ("answer", "rest") for key in
+                 ("entropy_gap", "logp_shift_success", "logp_shift_failure")]
+        cells = ["-" if c is None else f"{c:+.2f}" for c in cells]
+        lines.append(f"| {r['seed']} | {cells[0]} | {cells[3]} | {cells[1]} | {cells[2]} | {cells[4]} | {cells[5]} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -167,5 +169,13 @@ def test_answer_token_gradient_writes_its_table(tiny_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = json.loads(out.with_suffix(".json").read_text())["results"]
     for method in ("mopd", "grpo"):
-        assert run[method]["answer"]["tokens"] + run[method]["rest"]["tokens"] == run["tokens"] > 0
-    assert "| 0 | mopd |" in out.with_suffix(".md").read_text()
+        m = run[method]
+        assert m["answer"]["tokens"] + m["rest"]["tokens"] == run["tokens"] > 0
+        # the parts add up to the whole: a.w + r.w = w.w, with cosines that are cosines
+        cosines = {part: m[part]["cosine_with_whole"] or 0.0 for part in ("answer", "rest")}  # None: no gradient
+        assert all(abs(c) <= 1 + 1e-9 for c in cosines.values())
+        projected = sum(m[part]["grad_norm"] * cosines[part] for part in ("answer", "rest"))
+        assert projected == pytest.approx(m["grad_norm"], rel=1e-6)
+    assert run["teacher"]["rest"]["entropy_gap"] is not None
+    table = out.with_suffix(".md").read_text()
+    assert "| 0 | mopd |" in table and "entropy gap: answer" in table
