@@ -4,7 +4,8 @@
         benchmarks/results/analysis_code_qwen.json [...] [--out benchmarks/results/analysis_side_by_side]
 
 One column per report: its student, domain and size; the AUC that the student's own log-prob reaches with no teacher;
-the AUC of every context; 2S1F's margin over the label-blind controls (paired by prompt); the student-to-teacher gap
+the AUC of every context; 2S1F's margin over the label-blind controls (paired by prompt), on the whole response and
+on the answer span alone (n/a in reports recorded before answer-span scores); the student-to-teacher gap
 and entropy gap of 2S1F; and whether the rule for training holds
 (2S1F's AUC interval above 0.5, on at least 20 prompts with both outcomes; fewer leave it undecided). Means
 over prompts with bootstrap 95% intervals, as the reports computed them. Writes ``<out>.md`` and ``<out>.json``.
@@ -45,6 +46,9 @@ def column(report: dict) -> dict:
     rows.update({
         "2S1F AUC - random_peer (paired)": interval(pair.get("auc_minus_random_peer"), True),
         "2S1F AUC - swapped_labels (paired)": interval(pair.get("auc_minus_swapped_labels"), True),
+        "2S1F AUC, answer span only": interval(pair.get("auc_answer")),
+        "2S1F answer span - random_peer (paired)": interval(pair.get("auc_answer_minus_random_peer"), True),
+        "2S1F answer span - swapped_labels (paired)": interval(pair.get("auc_answer_minus_swapped_labels"), True),
         "2S1F top-1 hit (none: the success rate)": (f"{interval(pair.get('top1_hit'))} "
                                                     f"({interval(variants.get('none', {}).get('top1_hit'))})"),
         "2S1F student-to-teacher gap (nats/token)": interval(pair.get("gap")),
@@ -62,9 +66,12 @@ def _decision(auc, mixed_prompts: int) -> str:
     return "yes" if auc["low"] > 0.5 else "no"
 
 
+CONFIG_DOMAINS = {"sci": "sci", "math": "math", "code": "code", "tool": "tool", "peer_control": "facts"}
+
+
 def _domain(meta: dict) -> str:
     command = str(meta.get("command", ""))
-    return next((name for name in ("sci", "math", "code", "tool") if f"configs/{name}.yaml" in command), "?")
+    return next((domain for config, domain in CONFIG_DOMAINS.items() if f"configs/{config}.yaml" in command), "?")
 
 
 def main() -> None:

@@ -149,7 +149,8 @@ def test_a_failed_install_is_reported_and_no_stage_runs(tmp_path, monkeypatch):
 def test_the_side_by_side_leaves_a_report_with_too_few_mixed_prompts_undecided(tmp_path):
     """The committed 0.5B science report has 2 prompts with both outcomes and a 2S1F interval of [0.86, 1.00]: that
     must not read as a reason to train; the code report (28 prompts) decides, and says no."""
-    reports = [ROOT / "benchmarks" / "results" / f"analysis_{name}.json" for name in ("sci_qwen", "code_qwen")]
+    reports = [ROOT / "benchmarks" / "results" / f"analysis_{name}.json"
+               for name in ("sci_qwen", "code_qwen", "peer_control_demo")]
     out = tmp_path / "side"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "analysis_side_by_side.py"), *map(str, reports),
                              "--out", str(out)], capture_output=True, text=True, timeout=120)
@@ -159,6 +160,12 @@ def test_the_side_by_side_leaves_a_report_with_too_few_mixed_prompts_undecided(t
     assert columns["analysis_sci_qwen"][rule] == "undecided (2 prompts with both outcomes)"
     assert columns["analysis_code_qwen"][rule] == "no"
     assert columns["analysis_code_qwen"]["AUC, 2S1F"] == "0.60 [0.48, 0.71]"
+    # the answer-span rows: read where the report has them, n/a where it was recorded before them
+    assert columns["analysis_code_qwen"]["2S1F AUC, answer span only"] == "n/a"
+    control = columns["analysis_peer_control_demo"]
+    assert control["2S1F AUC, answer span only"] == "0.65 [0.52, 0.78]"
+    assert control["2S1F answer span - random_peer (paired)"] == "+0.17 [+0.07, +0.28]"
+    assert control["setting"].startswith("`demo`, facts")
 
 
 def test_answer_token_gradient_writes_its_table(tiny_model, tmp_path):
