@@ -75,6 +75,7 @@ def teacher_shift(student, weight, teacher, teacher_weight, tokens, tokens_of, s
     sampled token on successes and on failures (the peers' information: up on successes, down on failures)."""
     s_entropy, s_logp = entropy_and_logprobs(student, weight, tokens)
     t_entropy, t_logp = entropy_and_logprobs(teacher, teacher_weight, tokens)
+
     def mean(values, mask):  # None where no token has the part (a tiny model rarely names an answer)
         return float(values[mask].mean()) if mask.any() else None
 
@@ -139,6 +140,7 @@ def main() -> None:
              "backpropagated alone (token mean over all the step's tokens, as the update divides).", "",
              "| seed | method | success rate | answer tokens / all | loss share on the answer | grad norm: answer | "
              "grad norm: rest | cosine (answer, whole) | cosine (rest, whole) |", "|---" * 9 + "|"]
+
     def cosine(part):
         return "-" if part["cosine_with_whole"] is None else f"{part['cosine_with_whole']:.2f}"
 
