@@ -42,6 +42,8 @@ class SamplingConfig:
         val_greedy: also decode one greedy answer per prompt at validation/test (``greedy_acc``).
         val_samples: sampled rollouts per prompt at validation/test (k of mean@k and pass@k); 0 = none.
         val_temperature: sampling temperature of those k rollouts (greedy decoding is ``val_greedy``).
+        compile: ``hf`` backend: decode with a static KV cache and a compiled decoding step (CUDA graphs on a GPU),
+            the same draws as the eager path; the first step pays the compilation. Not for FSDP-sharded students.
     """
 
     backend: Literal["hf", "vllm"] = "hf"
@@ -53,6 +55,7 @@ class SamplingConfig:
     val_greedy: bool = True
     val_samples: int = 4
     val_temperature: float = 1.0
+    compile: bool = False
 
     def __post_init__(self):
         _require(self.backend in ("hf", "vllm"), "model.sampling.backend", f"is {self.backend!r}; expected hf or vllm")
@@ -67,6 +70,8 @@ class SamplingConfig:
                  "val_greedy is false and val_samples is 0: validation would measure nothing")
         _require(self.val_temperature > 0, "model.sampling.val_temperature",
                  "must be positive; greedy evaluation is model.sampling.val_greedy")
+        _require(not (self.compile and self.backend == "vllm"), "model.sampling.compile",
+                 "compiles the hf backend's decoding; vLLM compiles its own (model.vllm)")
 
 
 @dataclass

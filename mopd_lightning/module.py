@@ -35,7 +35,7 @@ from .peers import build_teacher_contexts
 from .roles import Weights, resolve_roles
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
-from .sampling import sample_groups, stable_seed, stop_token_ids
+from .sampling import COMPILE_BACKEND, sample_groups, stable_seed, stop_token_ids
 from .scoring import output_weight, score_rollouts
 from .sharding import is_sharded, reshard, shard_model
 from .teacher import ema_update, frozen, trust_region
@@ -172,6 +172,9 @@ class MOPDModule(pl.LightningModule):
             if self.roles.teacher_kind == "trust_region":
                 raise ConfigError("model.teacher.kind: trust_region is not supported with FSDP yet (it joins the "
                                   "initial model's and the student's output heads); use ema or frozen")
+            if self.sampling.compile:
+                raise ConfigError("model.sampling.compile: compiled decoding is not supported with FSDP (a sharded "
+                                  "student gathers its weights inside every decoding step); set it to false")
             if self.device_mesh["tensor_parallel"].size() > 1:
                 raise ConfigError("trainer.strategy: tensor parallelism is not supported; set "
                                   "tensor_parallel_size: 1 (and data_parallel_size to the number of devices)")
@@ -286,7 +289,8 @@ class MOPDModule(pl.LightningModule):
             return self.engine.sample(prompts, group_size, seeds, *options)
         with self.run_as(self.roles.student) as student:
             return sample_groups(student, self.tokenizer, prompts, group_size, seeds, *options,
-                                 synced=self._sharded_ranks())
+                                 synced=self._sharded_ranks(),
+                                 compiled=COMPILE_BACKEND if self.sampling.compile else None)
 
     def sync_engine(self) -> Dict[str, float]:
         """Create the vLLM engine on first use and hand it the layers of the student that changed since."""
