@@ -106,6 +106,8 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     variant the teacher's (None where the variant gives that rollout no context).
     """
     started = time.monotonic()
+    if module.sampling.backend == "vllm":
+        module.sync_engine()
     rollouts = module.sample(batch, "analyze", module.sampling.group_size, module.sampling.temperature)
     module.verify(batch, rollouts)
     log.info("analysis: %d rollouts of %d prompts sampled and verified (%.0f s)", len(rollouts), len(batch),

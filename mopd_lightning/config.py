@@ -150,6 +150,12 @@ class VLLMConfig:
         probe_every: with ``check_sync``, also score the probe every this many syncs that sent nothing, so stale
             engine weights show whatever decided what to send; 0: only after syncs that sent weights.
         sync_tolerance: warn when that gap exceeds this (float32 engines match to about 1e-5; bfloat16 to about 0.05).
+        importance_sampling: correct the engine/trainer gap (off-policy rollouts) by weighting every method's
+            per-token loss with the ratio r = p_trainer / p_engine of the rollout's tokens, taken before the first
+            update (verl's and TRL's truncated importance sampling): ``token_truncate`` min(r, cap) per token,
+            ``token_mask`` r where r <= cap else 0, ``sequence_truncate`` / ``sequence_mask`` the same with the
+            rollout's ratio (the product over its tokens) on all its tokens; ``none`` only logs the gap.
+        importance_sampling_cap: C of those weights (default 2, as verl's recipes use; TRL's default is 3).
     """
 
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
@@ -161,6 +167,8 @@ class VLLMConfig:
     check_sync: bool = True
     probe_every: int = 10
     sync_tolerance: float = 0.2
+    importance_sampling: Literal["none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = "none"
+    importance_sampling_cap: float = 2.0
 
     def __post_init__(self):
         _require(self.dtype in ("bfloat16", "float16", "float32"), "model.vllm.dtype",
@@ -171,6 +179,11 @@ class VLLMConfig:
                  "must be >= 16 or null")
         _require(self.sync_tolerance > 0, "model.vllm.sync_tolerance", "must be positive")
         _require(self.probe_every >= 0, "model.vllm.probe_every", "must be >= 0")
+        modes = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+        _require(self.importance_sampling in modes, "model.vllm.importance_sampling",
+                 f"is {self.importance_sampling!r}; expected one of {', '.join(modes)}")
+        _require(self.importance_sampling_cap >= 1, "model.vllm.importance_sampling_cap",
+                 "must be >= 1 (a ratio of 1 means the engine agrees with the trainer)")
 
 
 PEER_CONTEXTS = ("peers", "none", "random_peer", "unrelated_prompt", "swapped_labels", "success_only_matched")

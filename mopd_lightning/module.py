@@ -108,6 +108,9 @@ class MOPDModule(pl.LightningModule):
         self.sampling, self.dynamic_sampling, self.verifier = sampling, dynamic_sampling, verifier
         self.peers, self.teacher_config = self.method.peers, self.method.teacher  # as the method adapted them
         self.vllm_config = vllm
+        if vllm.importance_sampling != "none" and sampling.backend != "vllm":
+            raise ConfigError(f"model.vllm.importance_sampling: {vllm.importance_sampling} corrects rollouts drawn by "
+                              "the vLLM engine; with model.sampling.backend hf the rollouts are the trainer's own")
         self.engine: Optional[VLLMEngine] = None  # created on first use when sampling.backend is vllm
         self.weight_tracker = WeightTracker() if sampling.backend == "vllm" else None  # what the engine lacks
         self.grpo, self.optim, self.seed, self.export_dir = grpo, optim, seed, export_dir
@@ -278,14 +281,14 @@ class MOPDModule(pl.LightningModule):
                round: int = 0) -> Rollouts:
         """``group_size`` rollouts per prompt; training seeds change every step (and every extra round of dynamic
         sampling, so that a prompt drawn on two ranks in one step is not sampled twice alike), evaluation seeds
-        do not."""
+        do not. The vLLM engine is synced by the callers, once per step: ``training_step``, ``evaluate``, the
+        analysis."""
         step = self.rollout_batches if stage == "train" else "eval"
         keys = (stage, step) + ((round,) if round else ())
         seeds = [[stable_seed(self.seed, *keys, e.id, k) for k in range(group_size)] for e in batch]
         prompts = [self.render(e.messages) for e in batch]
         options = (self.sampling.max_new_tokens, temperature, self.sampling.top_p, self.sampling.top_k)
         if self.sampling.backend == "vllm":
-            self.sync_engine()
             return self.engine.sample(prompts, group_size, seeds, *options)
         with self.run_as(self.roles.student) as student:
             return sample_groups(student, self.tokenizer, prompts, group_size, seeds, *options,
@@ -403,6 +406,8 @@ class MOPDModule(pl.LightningModule):
         pass@k, both counting successes as greedy accuracy does, and reward@k (their mean reward: partial credit
         on code)."""
         metrics = self.eval_metrics[stage]
+        if self.sampling.backend == "vllm":
+            self.sync_engine()
         if self.sampling.val_greedy:
             greedy = self.sample(batch, stage, 1, 0.0)
             self.verify(batch, greedy)

@@ -57,9 +57,15 @@ class MicroBatch:
     """
 
     def __init__(self, rows: Sequence[int], hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor,
-                 lengths: Sequence[int], old_logp: Optional[torch.Tensor] = None, temperature: float = 1.0):
+                 lengths: Sequence[int], old_logp: Optional[torch.Tensor] = None, temperature: float = 1.0,
+                 engine_weight: Optional[torch.Tensor] = None):
         self.rows, self.hidden, self.weight, self.tokens = list(rows), hidden, weight, tokens
         self.lengths, self.old_logp, self.temperature = list(lengths), old_logp, temperature
+        self.engine_weight = engine_weight  # per token: the sampling engine's off-policy correction, when enabled
+
+    def weighted(self, losses: torch.Tensor) -> torch.Tensor:
+        """Per-token losses times the engine's importance weights (``model.vllm.importance_sampling``), if any."""
+        return losses if self.engine_weight is None else losses * self.engine_weight
 
     @cached_property
     def logp(self) -> torch.Tensor:
@@ -94,7 +100,8 @@ class MicroBatch:
         mask = mask.to(self.hidden.device)
         part = MicroBatch([r for r in self.rows if r in keep], self.hidden[mask], self.weight, self.tokens[mask],
                           [n for r, n in zip(self.rows, self.lengths) if r in keep],
-                          None if self.old_logp is None else self.old_logp[mask], self.temperature)
+                          None if self.old_logp is None else self.old_logp[mask], self.temperature,
+                          None if self.engine_weight is None else self.engine_weight[mask])
         if "logp" in self.__dict__:
             part.logp = self.logp[mask]
         return part
@@ -137,8 +144,8 @@ class Distillation(Objective):
             weights = (batch.current_logp() - batch.old_logp).exp().clamp(max=self.config.is_clip)
         if self.config.tokens == "answer":
             weights = weights * batch.at_positions([signal.answer_positions[r] for r in batch.rows])
-        return distillation_loss(batch.hidden, batch.weight, teacher_hidden, signal.teacher_weight, weights,
-                                 self.config)
+        return distillation_loss(batch.hidden, batch.weight, teacher_hidden, signal.teacher_weight,
+                                 batch.weighted(weights), self.config)
 
 
 def group_advantages(rollouts: Rollouts, config: GRPOConfig) -> List[float]:
@@ -188,7 +195,7 @@ class ClippedPolicyGradient(Objective):
         if self.config.kl_coef > 0:
             gap = torch.cat([signal.reference_logp[r] for r in batch.rows]) - batch.logp
             loss = loss + self.config.kl_coef * (gap.exp() - gap - 1)
-        return loss.sum()
+        return batch.weighted(loss).sum()
 
 
 class SuccessLikelihood(Objective):
@@ -207,4 +214,19 @@ class SuccessLikelihood(Objective):
         return successes, successes
 
     def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
-        return -batch.logp.sum()
+        return -batch.weighted(batch.logp).sum()
+
+
+def engine_importance_weights(log_ratio: torch.Tensor, lengths: Sequence[int], mode: str, cap: float
+                              ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token weights correcting rollouts drawn by a sampling engine whose log-probs differ from the trainer's
+    (``log_ratio`` = trainer - engine, per token, rows of ``lengths`` concatenated), and which tokens' ratio
+    exceeded ``cap`` (truncated or masked). Sequence modes use each rollout's ratio, the product over its tokens."""
+    if mode.startswith("sequence"):
+        per_row = torch.stack([part.sum() for part in log_ratio.split(list(lengths))]) if len(lengths) else log_ratio
+        log_ratio = torch.repeat_interleave(per_row, torch.tensor(list(lengths), device=log_ratio.device))
+    ratio = log_ratio.exp()
+    over = ratio > cap
+    if mode.endswith("truncate"):
+        return ratio.clamp(max=cap), over
+    return ratio.masked_fill(over, 0.0), over

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from .loss import entropy_and_logprobs
-from .objectives import MicroBatch, TrainingSignal
+from .objectives import MicroBatch, TrainingSignal, engine_importance_weights
 from .rollouts import Rollouts
 from .scoring import final_hidden_states, output_weight, padded_fraction, plan_forwards, response_hidden_states
 from .sharding import is_sharded
@@ -36,6 +36,8 @@ class StudentUpdate:
         self.forward = sorted(set().union(*(rows for rows, _ in self.plans)))
         self.normalisers = [module.all_reduce(float(objective.tokens(rollouts, signal, counted)))
                             for (_, objective), (_, counted) in zip(self.objectives, self.plans)]
+        self.correction = module.vllm_config.importance_sampling if rollouts.sample_logp else "none"
+        self.engine_weights: Dict[int, torch.Tensor] = {}  # per rollout, set on the first update
 
     def run(self) -> Dict[str, Any]:
         module, rollouts = self.module, self.rollouts
@@ -43,7 +45,7 @@ class StudentUpdate:
         # (vLLM's) measure the off-policy gap, they do not weight the loss.
         keep_old = module.method.needs_old_logp or module.optim.updates_per_batch > 1
         old_logp: Optional[Dict[int, torch.Tensor]] = {} if keep_old else None
-        gauge = {"gap": 0.0, "entropy": 0.0} if rollouts.sample_logp else None
+        gauge = {"gap": 0.0, "entropy": 0.0, "weight": 0.0, "over": 0.0} if rollouts.sample_logp else None
         updates = [self._optimizer_step(update, old_logp, gauge if update == 0 else None)
                    for update in range(module.optim.updates_per_batch)]
         # Every update's loss and gradient norm (None: skipped), the first, on-policy one first.
@@ -52,6 +54,8 @@ class StudentUpdate:
         if gauge is not None:
             tokens = max(rollouts.tokens(self.forward), 1)
             stats.update(engine_logp_gap=gauge["gap"] / tokens, entropy=gauge["entropy"] / tokens)
+            if self.correction != "none":
+                stats.update(engine_is_weight=gauge["weight"] / tokens, engine_is_clipped=gauge["over"] / tokens)
         stats.update(forward_rows=len(self.forward), normalisers=self.normalisers,
                      padded_fraction=self._padded_fraction())
         return stats
@@ -134,7 +138,9 @@ class StudentUpdate:
         """The student's forward pass on ``rows``; records their log-probabilities on the first update.
 
         With a separate sampling engine, ``gauge`` sums the student's entropy and its log-prob gap to the engine on
-        these tokens (what the ``hf`` sampler's entropy is; the gap is the off-policy error of the rollouts).
+        these tokens (what the ``hf`` sampler's entropy is; the gap is the off-policy error of the rollouts) and,
+        with ``model.vllm.importance_sampling``, the weights correcting that error: taken here, before the first
+        update, and kept for the batch's later updates.
         """
         module, rollouts = self.module, self.rollouts
         lengths = [len(rollouts.response_ids[r]) for r in rows]
@@ -150,6 +156,15 @@ class StudentUpdate:
             engine = torch.tensor([x for r in rows for x in rollouts.sample_logp[r]], device=logp.device)
             gauge["gap"] += float((engine - logp).abs().sum())
             gauge["entropy"] += float(entropy.sum())
+            if self.correction != "none":
+                config = module.vllm_config
+                weights, over = engine_importance_weights(logp.float() - engine, lengths, self.correction,
+                                                          config.importance_sampling_cap)
+                self.engine_weights.update(zip(rows, weights.split(lengths)))
+                gauge["weight"] += float(weights.sum())
+                gauge["over"] += float(over.sum())
+        if self.engine_weights:
+            batch.engine_weight = torch.cat([self.engine_weights[r] for r in rows])
         if old_logp is not None:
             if any(r not in old_logp for r in rows):
                 old_logp.update(zip(rows, batch.current_logp().split(lengths)))

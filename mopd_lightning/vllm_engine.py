@@ -2,7 +2,7 @@
 
 The engine lives in the training process (vLLM's offline ``LLM``, in-process: weights can be handed over as
 tensors, without files or a second copy in another process). It is created on first use from the student's
-checkpoint folder and then fed the student's weights before every sampling call that follows an optimizer step:
+checkpoint folder and then fed the student's weights once per training step, evaluation batch or analysis:
 
 - only layers whose parameters the optimizer stepped are sent (``WeightTracker``), one parameter at a time, so
   a sharded student is gathered piece by piece, never whole;
@@ -15,8 +15,9 @@ checkpoint folder and then fed the student's weights before every sampling call 
 Every rollout is its own request with its own seed, so a prompt draws the same rollouts whatever batch or rank
 it lands in (the same property the ``hf`` backend has; the two backends draw different tokens for one seed).
 The engine returns the sampled tokens' log-probabilities under the unmodified distribution (temperature 1): their
-gap to the trainer's is the off-policy error, logged (``train/engine_logp_gap``). They do not enter the loss:
-``logp_old`` is the trainer's own at the first update (``update.py``).
+gap to the trainer's is the off-policy error, logged (``train/engine_logp_gap``). ``logp_old`` is the trainer's
+own at the first update (``update.py``); with ``model.vllm.importance_sampling`` the ratio of the two weights
+every method's per-token loss (truncated or masked importance sampling, ``objectives.py``).
 """
 
 from __future__ import annotations

