@@ -28,6 +28,11 @@ Stages (each one's result, or its error, goes into the report):
    and logged unscaled).
 4. ``lora``: one bf16-mixed step each with full weights and with LoRA, each with the live student as its teacher and
    with an EMA teacher: peak memory above what was allocated before, and step time (what the EMA teacher adds).
+5. ``sampling`` (run first: what the next loan most needs): the ``hf`` sampler eager and compiled
+   (``model.sampling.compile``: static KV cache, CUDA graphs) on the same prompts at 64 rollouts x 256 new tokens
+   on the 0.6B shape in bf16 autocast: tokens per second, the first call's compilation, peak memory, and how far
+   the two paths' rollouts agree (the same seeds draw the same tokens until the numerics part them); then two
+   training steps with the compiled sampler (its share of the step).
 """
 
 from __future__ import annotations
@@ -46,8 +51,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / ".gpu-wheels"
-STAGES = ("install", "tests", "kernels", "step", "lora")
-TIME_BOX_S = {"tests": 100, "kernels": 170, "step": 180, "lora": 150}  # each under 4 minutes; install's: 120 s each
+STAGES = ("install", "sampling", "tests", "kernels", "step", "lora")
+TIME_BOX_S = {"sampling": 230, "tests": 100, "kernels": 170, "step": 180, "lora": 150}  # each under 4 minutes;
+# install's: 120 s each
 BUDGET_S = 480  # the whole check in 8 minutes; the device runs a command for at most 600 s
 # Qwen3-0.6B's shape (a random init: only speed and memory are measured), and a tiny one for --dry-run.
 QWEN3_SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
@@ -233,7 +239,8 @@ class Partial(dict):
 
 def run_one_stage(name: str, out: Path, dry_run: bool) -> int:
     results = Partial(out / "stages" / f"{name}.json")
-    work = {"tests": run_tests, "kernels": run_kernels, "step": run_step, "lora": run_lora}[name]
+    work = {"sampling": run_sampling, "tests": run_tests, "kernels": run_kernels, "step": run_step,
+            "lora": run_lora}[name]
     try:
         work(results, out, dry_run)
     except Exception as error:  # noqa: BLE001 - recorded; the driver goes on with the next stage
@@ -326,7 +333,7 @@ def run_step(results: Partial, out: Path, dry_run: bool) -> None:
 
 
 def fit(path: Path, device: str, dry_run: bool, steps: int, callbacks=(), plugins=(), precision=None, new_tokens=256,
-        **module_args):
+        compile_sampling=False, **module_args):
     """``steps`` MOPD steps through a real Lightning Trainer; returns the module and each step's logged numbers."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -338,7 +345,8 @@ def fit(path: Path, device: str, dry_run: bool, steps: int, callbacks=(), plugin
     prompts, new_tokens = (2, 8) if dry_run else (8, new_tokens)
     data = PromptDataModule(batch_size=prompts)
     data.setup("fit")
-    module = MOPDModule(student=str(path), sampling=SamplingConfig(group_size=4, max_new_tokens=new_tokens),
+    module = MOPDModule(student=str(path), sampling=SamplingConfig(group_size=4, max_new_tokens=new_tokens,
+                                                                   compile=compile_sampling),
                         peers=PeerConfig(require_success=False), **module_args)
     steps_logged = []
 
@@ -449,6 +457,89 @@ def fused_against_unfused(module, device: str) -> dict:
             "operand_devices": sorted({t.device.type for t in operands})}
 
 
+def run_sampling(results: Partial, out: Path, dry_run: bool) -> None:
+    """Eager against compiled sampling on the same prompts and seeds, then training steps with the compiled one
+    (on the CPU in a dry run: tiny shapes, dynamo's eager backend in place of inductor)."""
+    import torch
+
+    import mopd_lightning.module as module_file
+    from mopd_lightning.models import load_causal_lm, load_tokenizer
+
+    device = "cuda" if torch.cuda.is_available() and not dry_run else "cpu"
+    backend = "inductor" if device == "cuda" else "eager"
+    module_file.COMPILE_BACKEND = backend
+    prompts, group, new_tokens = (2, 4, 8) if dry_run else (8, 8, 256)
+    for key, value in dict(device=device, backend=backend, rollouts=prompts * group, new_tokens=new_tokens).items():
+        results[key] = value  # one by one: Partial writes on every item set
+    with tempfile.TemporaryDirectory() as folder:
+        path = build_model(Path(folder), TINY_SHAPE if dry_run else QWEN3_SHAPE)
+        model, tokenizer = load_causal_lm(str(path)).to(device), load_tokenizer(str(path))
+        batch = [list(tokenizer.apply_chat_template([{"role": "user", "content": f"Question {i}: {'why ' * i}"}],
+                                                    add_generation_prompt=True, tokenize=True, return_dict=False))
+                 for i in range(prompts)]
+        seeds = [[1000 * p + k for k in range(group)] for p in range(prompts)]
+        paths = {"eager": None, "compiled": backend}
+        rollouts = {}
+        for name, compiled in paths.items():
+            timing = timed_sampling(model, tokenizer, batch, group, seeds, new_tokens, compiled, device)
+            rollouts[name] = timing.pop("rollouts")
+            results[name] = timing
+        eager, compiled = rollouts["eager"].response_ids, rollouts["compiled"].response_ids
+        prefixes = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), min(len(x), len(y)))
+                    for x, y in zip(eager, compiled)]
+        results["agreement"] = {"identical_rollouts": sum(x == y for x, y in zip(eager, compiled)) / len(eager),
+                                "common_prefix_share": sum(prefixes) / sum(map(len, eager)),
+                                "mean_entropy_per_token": {name: sum(r.entropy) / sum(map(len, r.response_ids))
+                                                           for name, r in rollouts.items()}}
+        speedup = results["compiled"]["tokens_per_s"] / results["eager"]["tokens_per_s"]
+        results["speedup"] = speedup
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        try:
+            _, steps = fit(path, device, dry_run, 2, compile_sampling=True)
+            results["training"] = {"ok": True, "steps": steps,
+                                   "sample_share": [s["time/sample_s"] / s["time/step_s"] for s in steps]}
+        except Exception as error:  # noqa: BLE001 - recorded beside the sampling numbers
+            import traceback
+
+            traceback.print_exc()
+            results["training"] = {"ok": False, "error": f"{type(error).__name__}: {error}"[:1500]}
+    results["ok"] = results["training"]["ok"] and (dry_run or results["agreement"]["common_prefix_share"] > 0)
+
+
+def timed_sampling(model, tokenizer, batch, group, seeds, new_tokens, compiled, device) -> dict:
+    """One path's first call (compilation included) and the median of two more: tokens per second, peak memory."""
+    import statistics
+
+    import torch
+
+    from mopd_lightning.sampling import sample_groups
+
+    cuda = device == "cuda"
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cuda)  # as the bf16-mixed training step
+
+    def call():
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        with autocast:
+            rollouts = sample_groups(model, tokenizer, batch, group, seeds, new_tokens, compiled=compiled)
+        if cuda:
+            torch.cuda.synchronize()
+        return rollouts, time.perf_counter() - started
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    rollouts, first_s = call()
+    times = [call()[1] for _ in range(2)]
+    seconds = statistics.median(times)
+    tokens = sum(map(len, rollouts.response_ids))
+    return {"rollouts": rollouts, "first_call_s": first_s, "call_s": times, "tokens": tokens,
+            "tokens_per_s": tokens / seconds, "compile_s": max(first_s - seconds, 0.0),
+            "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None}
+
+
 def run_lora(results: Partial, out: Path, dry_run: bool) -> None:
     """Peak memory and time of one step (128 new tokens), LoRA against full weights, with the live student as the
     teacher and with an EMA teacher: with LoRA the EMA teacher is one adapter, without it a second model."""
@@ -552,6 +643,8 @@ def markdown(report: dict) -> str:
                 lines.append("| " + " | ".join(map(str, cells)) + " |")
         if name == "step":
             lines += _step_lines(stage)
+        if name == "sampling":
+            lines += _sampling_lines(stage)
         if name == "lora":
             for arm, result in stage.items():
                 if isinstance(result, dict):
@@ -561,6 +654,29 @@ def markdown(report: dict) -> str:
                                  f"{result['trainable'] / 1e6:.3g}M trainable"))
         lines.append("")
     return "\n".join(lines)
+
+
+def _sampling_lines(stage: dict) -> list:
+    lines = [f"{stage.get('rollouts')} rollouts x {stage.get('new_tokens')} new tokens on {stage.get('device')} "
+             f"(compiled with {stage.get('backend')})"]
+    for path in ("eager", "compiled"):
+        result = stage.get(path)
+        if result:
+            peak = result["peak_memory_gb"]
+            lines.append(f"- {path}: {result['tokens_per_s']:.0f} tokens/s, first call {result['first_call_s']:.1f} s "
+                         f"(compilation about {result['compile_s']:.1f} s), peak "
+                         f"{'n/a' if peak is None else f'{peak:.1f} GB'}")
+    if "speedup" in stage:
+        lines.append(f"- compiled / eager tokens per second: {stage['speedup']:.2f}x; agreement "
+                     f"`{json.dumps(stage['agreement'])}`")
+    training = stage.get("training")
+    if training:
+        lines.append(f"- training with the compiled sampler: {'ok' if training['ok'] else 'FAILED'}" +
+                     (f" (`{training['error']}`)" if "error" in training else ""))
+        for i, step in enumerate(training.get("steps", [])):
+            lines.append(f"  - step {i}: sample {step.get('time/sample_s', 0):.2f} s of "
+                         f"{step.get('time/step_s', 0):.2f} s")
+    return lines
 
 
 def _step_lines(stage: dict) -> list:

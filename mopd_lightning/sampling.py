@@ -120,8 +120,17 @@ class SeededSampler:
 
 
 COMPILE_BACKEND = "inductor"  # what model.sampling.compile compiles with
-LENGTH_BUCKET = 64  # compiled decoding: prompts left-padded to a multiple of this, so that the KV cache's length
-ROW_BUCKET = 8  # and the batch (rounded up to a multiple of this) repeat across steps and the graph is reused
+
+
+def bucket(size: int, smallest: int) -> int:
+    """``size`` rounded up to a power of two (at least ``smallest``). Compiled decoding pads prompts and rows to
+    buckets so that the KV cache's shape repeats across steps and the compiled step is reused: powers of two keep
+    the number of shapes, hence of compilations, logarithmic in the longest prompt and the largest batch (a
+    recompilation costs about as much as the first compilation, and dynamo stops compiling after a few)."""
+    return max(smallest, 1 << max(size - 1, 0).bit_length())
+
+
+SHORTEST_PROMPT_BUCKET, FEWEST_ROWS_BUCKET = 64, 8
 
 
 @torch.no_grad()
@@ -144,8 +153,8 @@ def sample_groups(model, tokenizer, prompt_ids: List[List[int]], group_size: int
                    eos_token_id=stop_token_ids(model, tokenizer))
     compile_options = None
     if compiled is not None:
-        width = -(-width // LENGTH_BUCKET) * LENGTH_BUCKET
-        spare = -len(rows) % ROW_BUCKET  # rows decoded only to keep the batch's shape; dropped below
+        width = bucket(width, SHORTEST_PROMPT_BUCKET)
+        spare = bucket(len(rows), FEWEST_ROWS_BUCKET) - len(rows)  # rows decoded only for the shape; dropped below
         rows, row_seeds = rows + rows[:1] * spare, row_seeds + row_seeds[:1] * spare
         options.update(cache_implementation="static", compile_config=compile_config(model, compiled))
         compile_options = {"backend": compiled}

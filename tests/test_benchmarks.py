@@ -63,8 +63,8 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     stages = report["stages"]
-    assert list(stages) == ["install", "tests", "kernels", "step", "lora"] and all(s["ok"] for s in stages.values()), \
-        stages
+    assert list(stages) == ["install", "sampling", "tests", "kernels", "step", "lora"] and all(
+        s["ok"] for s in stages.values()), stages
     install = stages["install"]  # a fresh environment, without the project until the check installed it
     assert install["fresh_environment"] and not install["project_importable_before"]
     assert install["versions"]["mopd_lightning"].startswith(str(ROOT)) and install["triton_interpreter"] == "works"
@@ -83,6 +83,11 @@ def test_gpu_check_dry_run_runs_every_stage(tmp_path):
     assert step["packed_sdpa"]["steps"][0]["train/padded_fraction"] == 0.0
     assert step["float16"]["ok"] and len(step["float16"]["steps"]) == 2 and step["float16"]["scale"] > 0
     assert "## step: ok" in (out / "gpu_check.md").read_text()
+    sampling = stages["sampling"]  # the same seeds: the compiled path draws the eager path's rollouts
+    assert sampling["agreement"]["identical_rollouts"] == 1.0
+    assert sampling["compiled"]["tokens"] == sampling["eager"]["tokens"] > 0
+    assert sampling["training"]["ok"] and len(sampling["training"]["steps"]) == 2
+    assert "## sampling: ok" in (out / "gpu_check.md").read_text()
     lora = stages["lora"]
     assert lora["lora / ema teacher"]["trainable"] < lora["full / ema teacher"]["trainable"] / 2
 

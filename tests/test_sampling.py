@@ -9,7 +9,7 @@ import torch
 
 from mopd_lightning.config import ConfigError, LoRAConfig, SamplingConfig
 from mopd_lightning.models import load_causal_lm, load_tokenizer
-from mopd_lightning.sampling import (LENGTH_BUCKET, filter_scores, gumbel_noise, next_token_scores, row_keys,
+from mopd_lightning.sampling import (SHORTEST_PROMPT_BUCKET, bucket, filter_scores, gumbel_noise, next_token_scores, row_keys,
                                      sample_groups, uniform)
 
 LOGITS = torch.tensor([2.0, 1.5, 1.2, 0.3, 0.0, -0.4, -1.0, float("-inf"), -2.5, 0.9, 0.1, -0.2])
@@ -141,11 +141,16 @@ def test_the_compiled_step_is_not_recompiled_within_a_bucket(model_and_tokenizer
     row bucket reuse the compiled decoding step and sampler."""
     model, tokenizer = model_and_tokenizer
     first, other = prompts(tokenizer, 2), prompts(tokenizer, 1, extra=" with a longer question" * 2)
-    assert max(map(len, first)) != max(map(len, other)) and max(map(len, first + other)) <= LENGTH_BUCKET
+    assert max(map(len, first)) != max(map(len, other)) and max(map(len, first + other)) <= SHORTEST_PROMPT_BUCKET
     sample_groups(model, tokenizer, first, 4, [[1, 2, 3, 4], [5, 6, 7, 8]], 8, compiled="eager")
     with torch._dynamo.config.patch(error_on_recompile=True):
         sample_groups(model, tokenizer, other, 4, [[9, 10, 11, 12]], 8, compiled="eager")
         sample_groups(model, tokenizer, first + other, 2, [[1, 2], [3, 4], [5, 6]], 8, compiled="eager")
+
+
+def test_buckets_are_powers_of_two():
+    assert [bucket(n, 8) for n in (1, 8, 9, 16, 17, 64, 65)] == [8, 8, 16, 16, 32, 64, 128]
+    assert [bucket(n, 64) for n in (0, 30, 64, 65, 200, 257)] == [64, 64, 64, 128, 256, 512]
 
 
 def test_compile_is_refused_with_the_vllm_backend():
