@@ -153,9 +153,15 @@ def test_buckets_are_powers_of_two():
     assert [bucket(n, 64) for n in (0, 30, 64, 65, 200, 257)] == [64, 64, 64, 128, 256, 512]
 
 
-def test_compile_is_refused_with_the_vllm_backend():
+def test_compile_is_refused_with_the_vllm_backend_and_a_sharded_student(tiny_model):
+    from test_step import make
+
     with pytest.raises(ConfigError, match="model.sampling.compile"):
         SamplingConfig(backend="vllm", compile=True)
+    module = make(tiny_model, sampling=SamplingConfig(compile=True))
+    module._device_mesh = object()  # as ModelParallelStrategy (FSDP2) sets it
+    with pytest.raises(ConfigError, match="model.sampling.compile.*FSDP"):
+        module.configure_model()
 
 
 @pytest.mark.parametrize("lora", [False, True])
