@@ -34,6 +34,7 @@ import torch
 
 from .answers import PARTS, rollout_parts
 from .config import PeerConfig
+from .diversity import self_bleu
 from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
 from .scoring import output_weight, score_rollouts
@@ -129,6 +130,8 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
                                                    parts)
         log.info("analysis: context %s scored (%d of %d; %.0f s)", name, len(per_variant), len(variants),
                  time.monotonic() - started)
+    diversity = [self_bleu([rollouts.response_text[r] for r in members], batch[g].verifier == "code")
+                 for g, members in enumerate(rollouts.groups)]
     records = []
     for r in plain:
         example = batch[rollouts.group[r]]
@@ -137,6 +140,7 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
             "response_len": lengths[r], "answer_len": len(parts[r]["answer"]), "student_logp": student[r]["logp"],
             "student_entropy": student[r]["entropy"], "student_parts": student[r]["parts"],
             "teacher": {name: scores.get(r) for name, scores in per_variant.items()},
+            "group_self_bleu": diversity[rollouts.group[r]],
         })
     return records
 
@@ -199,6 +203,13 @@ def brier(scores: Sequence[float], success: Sequence[bool]) -> float:
     return sum((p - float(s)) ** 2 for p, s in zip(probabilities, success)) / len(scores)
 
 
+def brier_sigmoid(mean_logps: Sequence[float], success: Sequence[bool]) -> float:
+    """The reference's other Brier score: sigmoid of the teacher's mean log-prob on the rollout (not of this
+    analysis's score) read as the probability of success. A mean log-prob is at most 0, so the probability is at
+    most 0.5: the score mixes calibration with how likely the teacher finds the text at all."""
+    return sum((1 / (1 + math.exp(-v)) - float(s)) ** 2 for v, s in zip(mean_logps, success)) / len(mean_logps)
+
+
 def top1_hit(scores: Sequence[float], success: Sequence[bool]) -> float:
     """Whether the highest-scored rollout succeeds; with tied top scores, the share of them that succeed (the hit
     rate of breaking the tie at random)."""
@@ -237,7 +248,8 @@ def bootstrap_mean(values: Sequence[float], samples: int = 1000, seed: int = 0) 
     return {"mean": sum(values) / n, "low": low, "high": high, "n": n}
 
 
-SEPARATION = ("auc", "pairwise_accuracy", "spearman", "kendall_gamma", "point_biserial", "brier", "top1_hit")
+SEPARATION = ("auc", "pairwise_accuracy", "spearman", "kendall_gamma", "point_biserial", "brier", "brier_sigmoid",
+              "top1_hit")
 """Metrics of how well the score separates a prompt's successes from its failures (prompts with both)."""
 PART_AUCS = tuple(f"auc_{part}" for part in PARTS)
 """The AUC of the score on each part of the response alone."""
@@ -276,14 +288,16 @@ def _part_aucs(group: Sequence[Dict[str, Any]], variant: Optional[str]) -> Dict[
     return out
 
 
-def separation(scores: Sequence[float], rewards: Sequence[float], success: Sequence[bool]) -> Dict[str, float]:
-    """The separation metrics of one prompt's rollouts (it must hold both outcomes); undefined ones left out."""
+def separation(scores: Sequence[float], rewards: Sequence[float], success: Sequence[bool],
+               mean_logps: Sequence[float]) -> Dict[str, float]:
+    """The separation metrics of one prompt's rollouts (it must hold both outcomes); undefined ones left out.
+    ``mean_logps``: the scoring model's own mean log-prob of each rollout (for the sigmoid Brier score)."""
     positive = [v for v, ok in zip(scores, success) if ok]
     negative = [v for v, ok in zip(scores, success) if not ok]
     values = {"auc": auc(positive, negative), "pairwise_accuracy": pairwise_accuracy(scores, rewards),
               "spearman": spearman(scores, rewards), "kendall_gamma": kendall_gamma(scores, rewards),
               "point_biserial": point_biserial(scores, success), "brier": brier(scores, success),
-              "top1_hit": top1_hit(scores, success)}
+              "brier_sigmoid": brier_sigmoid(mean_logps, success), "top1_hit": top1_hit(scores, success)}
     return {key: value for key, value in values.items() if value is not None}  # a constant side: left out, not 0
 
 
@@ -300,9 +314,12 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
     mixed = {p: group for p, group in prompts.items() if len({r["success"] for r in group}) == 2}
     summary = {"prompts": len(prompts), "rollouts": len(records),
                "success_rate": sum(r["success"] for r in records) / max(len(records), 1),
-               "mixed_prompts": len(mixed), "variants": {}}
+               "mixed_prompts": len(mixed), "variants": {},
+               "self_bleu": bootstrap_mean([group[0]["group_self_bleu"] for group in prompts.values()
+                                            if group[0].get("group_self_bleu") is not None], samples, seed)}
     confidence = [{**separation([r["student_logp"] for r in group], [r["reward"] for r in group],
-                                [r["success"] for r in group]), **_part_aucs(group, None)} for group in mixed.values()]
+                                [r["success"] for r in group], [r["student_logp"] for r in group]),
+                   **_part_aucs(group, None)} for group in mixed.values()]
     summary["student_confidence"] = {key: bootstrap_mean([c[key] for c in confidence if key in c], samples, seed)
                                      for key in SEPARATION + PART_AUCS}
     prompt_auc: Dict[str, Dict[str, Dict[str, float]]] = {}  # variant -> auc or auc_<part> -> prompt -> value
@@ -328,7 +345,8 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
                 per_prompt["failure_score"].append(sum(negative) / len(negative))
             if positive and negative:
                 values = separation([s for _, s, _ in scored], [r["reward"] for r, _, _ in scored],
-                                    [r["success"] for r, _, _ in scored])
+                                    [r["success"] for r, _, _ in scored],
+                                    [r["teacher"][name]["logp"] for r, _, _ in scored])
                 values.update(_part_aucs([r for r, _, _ in scored], name))
                 for key, value in values.items():
                     per_prompt[key].append(value)
@@ -358,20 +376,25 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
     settings = ", ".join(f"{k}: {v}" for k, v in (meta or {}).items() if k != "wall_s")
     lines = [f"# {title}", "", *([f"Settings: {settings}.", ""] if settings else []),
              f"{summary['prompts']} prompts, {summary['rollouts']} rollouts, success rate "
-             f"{summary['success_rate']:.3f}, {summary['mixed_prompts']} prompts with both a success and a failure.",
+             f"{summary['success_rate']:.3f}, {summary['mixed_prompts']} prompts with both a success and a failure"
+             + (f"; self-BLEU-4 of a prompt's rollouts {_cell(summary['self_bleu'])} (1: all alike)"
+                if summary.get("self_bleu", {}).get("n") else "") + ".",
              "", "Score = teacher mean log-prob minus student mean log-prob on the rollout's own tokens. Means over "
              "prompts with bootstrap 95% intervals (prompts resampled); n = prompts where the metric is defined.", "",
              "**Does the context separate successes from failures?** Prompts with both outcomes. No signal: AUC, "
              "pairwise accuracy and top-1 hit 0.5 (top-1: the prompt's success rate), correlations 0, Brier 0.25 or "
-             "more (lower is better). Ties in score count one half; Kendall is the reference's (Goodman-Kruskal "
+             "more (lower is better; the sigmoid variant, the reference's, reads sigmoid of the teacher's mean "
+             "log-prob as the probability, at most 0.5). Ties in score count one half; Kendall is the reference's (Goodman-Kruskal "
              "gamma).", "",
-             "| context | AUC | pairwise acc. | Spearman | Kendall (gamma) | point-biserial | Brier | top-1 hit |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| context | AUC | pairwise acc. | Spearman | Kendall (gamma) | point-biserial | Brier (min-max) "
+             "| Brier (sigmoid of the mean log-prob) | top-1 hit |", "|---|---|---|---|---|---|---|---|---|"]
     if "student_confidence" in summary:  # reports written before it existed lack it
         lines.append("| *student's own log-prob (no teacher)* | "
-                     + " | ".join(_cell(summary["student_confidence"][key]) for key in SEPARATION) + " |")
+                     + " | ".join(_cell(summary["student_confidence"][key]) if key in summary["student_confidence"]
+                                  else "-" for key in SEPARATION) + " |")
     for name, stats in summary["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(stats[key]) for key in SEPARATION) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(stats[key]) if key in stats else "-" for key in SEPARATION)
+                     + " |")
     controls = [c for c in LABEL_BLIND if any(f"auc_minus_{c}" in stats for stats in summary["variants"].values())]
     if controls:
         lines += ["", "**Does the context use the labels?** Each context's AUC minus a label-blind control's, paired by "

@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_step import examples, make
 
-from mopd_lightning.analysis import (CONTEXT_VARIANTS, auc, bootstrap_mean, brier, kendall_gamma, pairwise_accuracy,
-                                     point_biserial, spearman, summarize, teacher_signal_records, top1_hit,
-                                     variant_peers)
+from mopd_lightning.analysis import (CONTEXT_VARIANTS, auc, bootstrap_mean, brier, brier_sigmoid, kendall_gamma,
+                                     pairwise_accuracy, point_biserial, spearman, summarize, teacher_signal_records,
+                                     top1_hit, variant_peers)
 from mopd_lightning.config import PeerConfig
 
 
@@ -47,6 +47,8 @@ def test_the_reference_metrics_against_direct_formulas(seed):
     assert brier(scores, success) == pytest.approx(float(((p - y) ** 2).mean()))
     best = [s for v, s in zip(scores, success) if v == max(scores)]
     assert top1_hit(scores, success) == sum(best) / len(best)
+    logps = -x.abs()  # mean log-probs are at most 0
+    assert brier_sigmoid(logps.tolist(), success) == pytest.approx(float(((torch.sigmoid(logps) - y) ** 2).mean()))
 
 
 def test_the_reference_metrics_on_ties_and_constants():
@@ -98,6 +100,9 @@ def test_summary_separates_an_informative_context_from_a_misleading_one():
     assert good["top1_hit"]["mean"] == 1.0 and bad["top1_hit"]["mean"] == 0.0
     assert good["kendall_gamma"]["mean"] == 1.0 and bad["point_biserial"]["mean"] == pytest.approx(-1.0)
     assert good["brier"]["mean"] == 0.0 and bad["brier"]["mean"] == 1.0
+    sigmoid = torch.sigmoid(torch.tensor([-0.5, -2.0, -2.0]))  # the good teacher's mean log-probs, success first
+    expected = float(((sigmoid - torch.tensor([1.0, 0.0, 0.0])) ** 2).mean())
+    assert good["brier_sigmoid"]["mean"] == pytest.approx(expected)
     # the gap is the score with its sign turned: student minus teacher, prompt by prompt
     assert good["gap"]["mean"] == pytest.approx(-good["score"]["mean"])
     assert summary["variants"]["partial"]["auc"]["n"] == 0  # successes had no context: nothing to compare
