@@ -1,4 +1,5 @@
-"""Methods side by side on the embedded demo: the base model, MOPD, OPD, GRPO, SFT on successes, the blend.
+"""Methods side by side on the embedded demo: the base model, MOPD, OPD, GRPO, SFT on successes, the blend, and on
+request (``--methods``) teacher-OPD and the preference baselines DPO and SimPO.
 
     python benchmarks/compare_methods.py [--config configs/sci.yaml] [--steps 30] [--seeds 0 1]
         [--methods base mopd opd grpo sft_success blend] [--eval-prompts 100] [--eval-split test]
@@ -48,6 +49,8 @@ ARMS = {  # arm -> settings over the config: the method, and for the distillatio
     "sft_success": ["--model.method", "sft_success"],
     "blend": ["--model.method", "mopd", "--model.grpo.weight", "0.5"],
     "teacher_opd": ["--model.method", "teacher_opd", "--model.grpo.weight", "0"],
+    "dpo": ["--model.method", "dpo"],
+    "simpo": ["--model.method", "simpo"],
 }
 CURVES = ("train/reward", "train/success_rate", "train/entropy", "train/response_len", "train/loss",
           "train/active_fraction")

@@ -376,6 +376,33 @@ class GRPOConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """The preference baselines (``model.method: dpo | simpo``), as the paper's code runs them: every pair of a
+    group's rollouts with different rewards, the higher one chosen; ``z = beta * (h_chosen - h_rejected) - gamma``
+    and the loss ``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``, a mean over the step's pairs. DPO's ``h`` is the
+    rollout's summed log-prob minus the initial student's (the frozen reference); SimPO's its mean log-prob, with no
+    reference.
+
+    Attributes:
+        dpo_beta: DPO's beta (reference: 0.1).
+        simpo_beta: SimPO's beta (reference: 2.0).
+        simpo_gamma: SimPO's target margin gamma (reference: 1.0).
+        label_smoothing: cDPO's eps, the share of pairs taken to be mislabelled; 0 is plain DPO / SimPO.
+    """
+
+    dpo_beta: float = 0.1
+    simpo_beta: float = 2.0
+    simpo_gamma: float = 1.0
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        _require(self.dpo_beta > 0, "model.preference.dpo_beta", "must be positive")
+        _require(self.simpo_beta > 0, "model.preference.simpo_beta", "must be positive")
+        _require(self.simpo_gamma >= 0, "model.preference.simpo_gamma", "must be >= 0")
+        _require(0 <= self.label_smoothing < 0.5, "model.preference.label_smoothing", "must lie in [0, 0.5)")
+
+
+@dataclass
 class OptimConfig:
     """Optimizer and the shape of one update.
 
@@ -415,4 +442,5 @@ class OptimConfig:
 # The module saves its settings in checkpoints; resuming from Python (``trainer.fit(ckpt_path=...)``) loads them
 # with torch's safe unpickler, which accepts only the classes it is told about.
 torch.serialization.add_safe_globals([SamplingConfig, DynamicSamplingConfig, LoRAConfig, VLLMConfig, PeerConfig,
+                                      PreferenceConfig,
                                       VerifierConfig, TeacherConfig, LossConfig, GRPOConfig, OptimConfig])

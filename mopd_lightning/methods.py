@@ -5,7 +5,8 @@
 - ``opd``: the SDPO-style self-teacher: the same, with one success peer and no failure (1S);
 - ``teacher_opd``: classic on-policy distillation: a frozen or external teacher that sees the plain prompt;
 - ``grpo``: group-relative advantages with the clipped policy-gradient objective, no teacher pass;
-- ``sft_success``: token NLL on the verified successes (rejection-sampling fine-tuning).
+- ``sft_success``: token NLL on the verified successes (rejection-sampling fine-tuning);
+- ``dpo``, ``simpo``: the preference baselines on each group's pairs of rollouts with different rewards.
 
 All of them sample, verify, log and update the same way, so runs compare line by line. Switching methods is one
 setting: what a config sets for another method (a GRPO blend, an EMA teacher, peers) is adapted or left unused,
@@ -17,15 +18,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import List, Literal, Sequence, Tuple
+from typing import List, Literal, Optional, Sequence, Tuple
 
-from .config import ConfigError, GRPOConfig, LossConfig, PeerConfig, TeacherConfig
-from .objectives import ClippedPolicyGradient, Distillation, SuccessLikelihood
+from .config import ConfigError, GRPOConfig, LossConfig, PeerConfig, PreferenceConfig, TeacherConfig
+from .objectives import ClippedPolicyGradient, Distillation, PairwisePreference, SuccessLikelihood
 
 log = logging.getLogger(__name__)
 
-MethodName = Literal["mopd", "opd", "teacher_opd", "grpo", "sft_success"]
-METHODS = ("mopd", "opd", "teacher_opd", "grpo", "sft_success")
+MethodName = Literal["mopd", "opd", "teacher_opd", "grpo", "sft_success", "dpo", "simpo"]
+METHODS = ("mopd", "opd", "teacher_opd", "grpo", "sft_success", "dpo", "simpo")
 DISTILLATION_METHODS = ("mopd", "opd", "teacher_opd")
 
 
@@ -47,6 +48,16 @@ class Method:
         return any(isinstance(objective, ClippedPolicyGradient) for _, objective in self.objectives)
 
     @property
+    def needs_reference(self) -> bool:
+        """Whether an objective reads the initial student's log-probabilities (GRPO's KL term, DPO)."""
+        return any(objective.needs_reference for _, objective in self.objectives)
+
+    @property
+    def pairwise(self) -> Optional[PairwisePreference]:
+        """The preference objective (dpo, simpo), whose pairs are scored before the update."""
+        return next((o for _, o in self.objectives if isinstance(o, PairwisePreference)), None)
+
+    @property
     def needs_old_logp(self) -> bool:
         return any(objective.needs_old_logp for _, objective in self.objectives)
 
@@ -61,7 +72,7 @@ class Method:
 
 
 def build_method(name: str, peers: PeerConfig, teacher: TeacherConfig, loss: LossConfig,
-                 grpo: GRPOConfig) -> Method:
+                 grpo: GRPOConfig, preference: PreferenceConfig = PreferenceConfig()) -> Method:
     """The objectives and peer preset of ``model.method``, after checking that the settings fit it."""
     if name not in METHODS:
         raise ConfigError(f"model.method is {name!r}; expected one of {', '.join(METHODS)}")
@@ -69,7 +80,9 @@ def build_method(name: str, peers: PeerConfig, teacher: TeacherConfig, loss: Los
         if grpo.weight != 0:
             log.info("model.method %s trains its own objective alone: model.grpo.weight %g (a blend into "
                      "distillation) is not used", name, grpo.weight)
-        objective = ClippedPolicyGradient(grpo) if name == "grpo" else SuccessLikelihood()
+        objective = {"grpo": lambda: ClippedPolicyGradient(grpo), "sft_success": SuccessLikelihood,
+                     "dpo": lambda: PairwisePreference("dpo", preference),
+                     "simpo": lambda: PairwisePreference("simpo", preference)}[name]()
         return Method(name, [(1.0, objective)], peers, teacher)
     if name == "opd":
         peers = _preset(peers, "opd", "model.peers", n_success=1, n_failure=0, context="peers")

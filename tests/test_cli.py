@@ -276,7 +276,7 @@ def test_the_paper_scale_fsdp_config_parses(tmp_path):
 
 
 DOMAIN_CONFIGS = ["sci.yaml", "math.yaml", "code.yaml", "tool.yaml", "peer_control.yaml"]
-METHODS = ["mopd", "opd", "teacher_opd", "grpo", "sft_success"]
+METHODS = ["mopd", "opd", "teacher_opd", "grpo", "sft_success", "dpo", "simpo"]
 
 
 @pytest.mark.parametrize("config", DOMAIN_CONFIGS)

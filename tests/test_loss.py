@@ -100,3 +100,34 @@ def test_token_logprobs_and_entropy_match_float64():
     entropy, logp = entropy_and_logprobs(hidden, weight, tokens, chunk=3)
     torch.testing.assert_close(logp.double(), expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(entropy.double(), -(log_p.exp() * log_p).sum(-1).detach(), rtol=1e-4, atol=1e-6)
+
+
+def test_the_references_step_level_kl_is_the_token_level_loss():
+    """The paper's code's ``step_level_kl``: steps end after each blank-line token, each step's mean token loss
+    (over its unmasked tokens) replaces its tokens' losses before the token mean. A step's mean times its token
+    count is its sum, so loss and gradient are the token-level ones: no setting of ours reproduces it, none is
+    needed (README, the reference's options)."""
+    generator = torch.Generator().manual_seed(0)
+    divergence = torch.rand(3, 12, generator=generator, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(3, 12, dtype=torch.float64)
+    mask[0, 9:] = 0  # a short response
+    mask[2, 4] = 0  # a token masked inside a step
+    blank = torch.zeros(3, 12, dtype=torch.bool)
+    blank[0, 3], blank[1, [2, 5, 6]], blank[2, 8] = True, True, True  # "\n\n" tokens close their step
+    steps = blank.long().cumsum(-1) - blank.long()  # a separator belongs to the step it closes
+
+    def token_mean(loss):
+        return (loss * mask).sum() / mask.sum()
+
+    plain = token_mean(divergence)
+    plain_grad, = torch.autograd.grad(plain, divergence)
+    per_step = torch.zeros_like(divergence)
+    for row in range(3):
+        for step in steps[row].unique():
+            inside = (steps[row] == step) & (mask[row] > 0)
+            if inside.any():
+                per_step[row, inside] = divergence[row, inside].sum() / inside.sum()
+    stepped = token_mean(per_step)
+    stepped_grad, = torch.autograd.grad(stepped, divergence)
+    assert float(stepped) == pytest.approx(float(plain), rel=1e-12)
+    torch.testing.assert_close(stepped_grad, plain_grad, rtol=1e-12, atol=1e-15)
