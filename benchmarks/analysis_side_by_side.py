@@ -17,9 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mopd_lightning.analysis import CONTEXT_VARIANTS
+from mopd_lightning.analysis import DEFAULT_VARIANTS
 
-CONTEXTS = [name for name in CONTEXT_VARIANTS if name != "none"]
+CONTEXTS = [name for name in DEFAULT_VARIANTS if name != "none"]
 DECIDING_PROMPTS = 20
 """Fewer prompts with both outcomes than this and an AUC interval decides nothing (at 2 prompts it can be [1, 1])."""
 

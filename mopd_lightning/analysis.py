@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .answers import PARTS, rollout_parts
-from .config import PeerConfig
+from .config import ConfigError, PeerConfig
 from .diversity import self_bleu
 from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
@@ -52,19 +52,40 @@ CONTEXT_VARIANTS: Dict[str, Dict[str, Any]] = {
     "unrelated_prompt": dict(n_success=2, n_failure=1, context="unrelated_prompt"),
     "swapped_labels": dict(n_success=2, n_failure=1, context="swapped_labels"),
     "success_only_matched": dict(n_success=2, n_failure=1, context="success_only_matched"),
+    "1S+summaries": dict(n_success=1, n_failure=0),  # and the summaries the run asked for (variant_peers)
+    "2S1F_feedback_without_success": dict(n_success=2, n_failure=1, self_feedback="without_success"),
+    "self_feedback": dict(context="none", self_feedback="always"),
 }
-"""Context variants: the paper's peer mixes and its controls (the controls at the 2S1F size)."""
+"""Context variants: the paper's peer mixes and its controls (the controls at the 2S1F size); the reference's
+shipped default, one success shown whole and the summaries of ``summary_k`` others (``1S+summaries``: the run must
+ask for summaries, ``model.peers.summaries``); and its environment feedback: 2S1F with the rollout's own feedback
+where no success is shown, and the rollout's own feedback alone (SDPO's self-feedback)."""
+
+SUMMARIES = "1S+summaries"
+
+OWN_LABEL = ("2S1F_feedback_without_success", "self_feedback")
+"""Variants that show a rollout its own verifier feedback, hence its own outcome: what they separate is read off
+the label, not learnt from peers. Scored only when asked for (``--analyze.variants``) and reported apart."""
+DEFAULT_VARIANTS = tuple(name for name in CONTEXT_VARIANTS if name not in OWN_LABEL + (SUMMARIES,))
 
 
 def variant_peers(base: PeerConfig, name: str) -> PeerConfig:
     """``base`` (templates, budgets) with the peer mix of variant ``name``; failures always included, no gate, and a
     rollout never shown itself (``dont_reprompt_on_self_success``): the analysis measures what the peers tell the
-    teacher about a rollout, never the rollout's own label."""
+    teacher about a rollout, never the rollout's own label. Controls are length-matched (``control_match: token``):
+    each slot holds the candidate closest in length to the peer the 2S1F context shows there."""
     if name not in CONTEXT_VARIANTS:
         raise ValueError(f"unknown context variant {name!r}; known: {', '.join(CONTEXT_VARIANTS)}")
     settings = dict(n_success=base.n_success, n_failure=base.n_failure, context="peers", failure_when="always",
-                    require_success=False, dont_reprompt_on_self_success=True)
+                    require_success=False, dont_reprompt_on_self_success=True, self_feedback="never",
+                    control_match="token",  # a control differs from 2S1F in content, not in length
+                    summary_k=0)  # a run that asks for summaries keeps asking (its prompts); only this variant shows them
     settings.update(CONTEXT_VARIANTS[name])
+    if name == SUMMARIES:
+        if base.summaries == "off" or base.summary_k == 0:
+            raise ConfigError(f"analyze.variants: {SUMMARIES} shows the summaries the student was asked for: set "
+                              "model.peers.summaries and summary_k (the reference's launcher: all, 7)")
+        settings["summary_k"] = base.summary_k
     return dataclasses.replace(base, **settings)
 
 
@@ -372,6 +393,10 @@ def _cell(stat: Dict[str, Optional[float]]) -> str:
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}] (n={stat['n']})"
 
 
+def _label(variant: str) -> str:
+    return f"{variant} (its own feedback: reveals its outcome)" if variant in OWN_LABEL else variant
+
+
 def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str, Any]] = None) -> str:
     settings = ", ".join(f"{k}: {v}" for k, v in (meta or {}).items() if k != "wall_s")
     lines = [f"# {title}", "", *([f"Settings: {settings}.", ""] if settings else []),
@@ -385,7 +410,8 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
              "pairwise accuracy and top-1 hit 0.5 (top-1: the prompt's success rate), correlations 0, Brier 0.25 or "
              "more (lower is better; the sigmoid variant, the reference's, reads sigmoid of the teacher's mean "
              "log-prob as the probability, at most 0.5). Ties in score count one half; Kendall is the reference's (Goodman-Kruskal "
-             "gamma).", "",
+             "gamma). Controls are length-matched to the 2S1F context, slot by slot (the candidate closest in length "
+             "to the peer 2S1F shows there).", "",
              "| context | AUC | pairwise acc. | Spearman | Kendall (gamma) | point-biserial | Brier (min-max) "
              "| Brier (sigmoid of the mean log-prob) | top-1 hit |", "|---|---|---|---|---|---|---|---|---|"]
     if "student_confidence" in summary:  # reports written before it existed lack it
@@ -393,8 +419,8 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
                      + " | ".join(_cell(summary["student_confidence"][key]) if key in summary["student_confidence"]
                                   else "-" for key in SEPARATION) + " |")
     for name, stats in summary["variants"].items():
-        lines.append(f"| {name} | " + " | ".join(_cell(stats[key]) if key in stats else "-" for key in SEPARATION)
-                     + " |")
+        lines.append(f"| {_label(name)} | " + " | ".join(_cell(stats[key]) if key in stats else "-"
+                                                         for key in SEPARATION) + " |")
     controls = [c for c in LABEL_BLIND if any(f"auc_minus_{c}" in stats for stats in summary["variants"].values())]
     if controls:
         lines += ["", "**Does the context use the labels?** Each context's AUC minus a label-blind control's, paired by "

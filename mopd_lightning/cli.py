@@ -20,7 +20,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from .analysis import CONTEXT_VARIANTS, score_settings, summarize, write_report
+from .analysis import CONTEXT_VARIANTS, DEFAULT_VARIANTS, score_settings, summarize, write_report
 from .config import ConfigError
 from .data import PromptDataModule
 from .data.example import DataError
@@ -50,10 +50,11 @@ class MOPDTrainer(Trainer):
             ckpt_path: a training checkpoint to analyse instead of the initial weights.
             output_dir: folder for the report (a relative path is taken under ``trainer.default_root_dir``).
             variants: context variants to score (default: all of none, 1S, 2S, 1F, 1S1F, 2S1F and the controls
-                random_peer, unrelated_prompt, swapped_labels, success_only_matched).
+                random_peer, unrelated_prompt, swapped_labels, success_only_matched; on request also
+                2S1F_feedback_without_success and self_feedback, which show a rollout its own verifier feedback).
             bootstrap: bootstrap resamples for the 95% intervals.
         """
-        variants = list(variants or CONTEXT_VARIANTS)
+        variants = list(variants or DEFAULT_VARIANTS)
         unknown = [v for v in variants if v not in CONTEXT_VARIANTS]
         if unknown:
             raise ConfigError(f"analyze.variants: unknown {unknown}; known: {', '.join(CONTEXT_VARIANTS)}")

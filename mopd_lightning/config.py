@@ -7,6 +7,7 @@ into ``mopd fit --help``. Paper values are noted where they differ from the CPU-
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, fields
 from typing import List, Literal, Optional, Union
 
@@ -204,6 +205,11 @@ class PeerConfig:
             ``unrelated_prompt`` (the success peers come from other prompts of the batch),
             ``swapped_labels`` (peers chosen and shown as if every label were flipped),
             ``success_only_matched`` (the failure slots filled with further successes).
+        control_match: how a control (``random_peer``, ``unrelated_prompt``, ``swapped_labels``,
+            ``success_only_matched``) picks its peers: ``block`` at random, as many as its slots; ``token`` each slot
+            filled with the candidate closest in length (tokens) to the peer the method's own context shows in that
+            slot, so that the control differs from it in content, not in length (the analysis's default: a 135M
+            teacher's score moves with its context's length). The reference's ``peer_control_match``.
         require_success: a context without any success peer gives no signal (the rollout is masked and counted);
             off in the paper. Small models that rarely succeed get failure-only contexts, which the analysis
             (``mopd analyze``) shows carry no signal at 135M while still raising the teacher's entropy.
@@ -217,10 +223,30 @@ class PeerConfig:
             peers are shown as written. An unclosed ``<think>`` is left as it is.
         max_peer_tokens: token budget per peer; longer peers lose their middle (a marker shows where).
         include_feedback: add each peer's verifier feedback (off by default, and reported in the logs).
+        self_feedback: the rollout's own verifier feedback at the end of its teacher context (SDPO's signal; the
+            reference's ``include_environment_feedback``): ``always``, ``without_success`` (only when the context
+            shows no success: the reference's ``environment_feedback_only_without_solution``) or ``never``. A
+            rollout with feedback and no peers then gets a context of its own feedback alone. It tells the teacher
+            the rollout's own outcome (the analysis reports it apart).
         success_template: block for one successful peer; ``{response}`` is the peer's answer.
         failure_template: block for one failed peer; ``{response}``.
         feedback_template: appended to a peer block when feedback is on; ``{feedback}``.
-        context_template: the whole user turn; ``{question}``, ``{peers}``.
+        summaries: the reference's solution summaries (its launcher's default: ``all``, 7 peers, beside one success
+            shown whole). Unless ``off``, the student's prompt (and the question its teacher reads) asks it to end
+            with a one-sentence summary in ``<summary_tag>`` tags, and the teacher context shows the summaries of
+            ``summary_k`` other rollouts of the group drawn from its successes, failures or ``all``, each labelled,
+            after the peers shown whole (never a peer already shown whole, nor the rollout itself). A rollout
+            without a summary is represented by the start of its response (``summary_fallback_chars``).
+        summary_k: summaries per context, at most (0: the student is asked for summaries but none is shown).
+        summary_tag: the tag of the summary (``summary``: ``<summary>...</summary>``).
+        summary_instruction: appended to the student's last user turn; ``{tag}``.
+        summary_success_template, summary_failure_template: one summary in the context; ``{summary}``.
+        summary_fallback_chars: characters of a response shown when it has no summary.
+        self_feedback_template: the rollout's own feedback; ``{feedback}``.
+        context_template: the whole user turn; ``{question}``, ``{peers}``, ``{feedback}`` (the rollout's own
+            feedback, empty unless ``self_feedback``).
+        feedback_only_template: the user turn of a context with the rollout's own feedback and no peers;
+            ``{question}``, ``{feedback}``.
         truncation_marker: replaces the cut middle of a long peer; ``{n}`` is the number of tokens cut.
     """
 
@@ -229,16 +255,31 @@ class PeerConfig:
     failure_when: Literal["always", "when_no_success"] = "always"
     context: Literal["peers", "none", "random_peer", "unrelated_prompt", "swapped_labels",
                      "success_only_matched"] = "peers"
+    control_match: Literal["block", "token"] = "block"
     require_success: bool = False
     dont_reprompt_on_self_success: bool = True
     remove_thinking_from_demonstration: bool = False
     max_peer_tokens: int = 256
     include_feedback: bool = False
+    self_feedback: Literal["never", "always", "without_success"] = "never"
+    summaries: Literal["off", "success", "failure", "all"] = "off"
+    summary_k: int = 1
+    summary_tag: str = "summary"
+    summary_instruction: str = ("\n\nAfter your answer, sum up your approach in one sentence between <{tag}> and "
+                                "</{tag}>.")
+    summary_success_template: str = "Summary of another correct attempt: {summary}\n\n"
+    summary_failure_template: str = "Summary of another incorrect attempt: {summary}\n\n"
+    summary_fallback_chars: int = 300
     success_template: str = "Here is a correct solution from another attempt:\n{response}\n\n"
     failure_template: str = "Here is an incorrect solution from another attempt:\n{response}\n\n"
     feedback_template: str = "Feedback on that attempt: {feedback}\n\n"
+    self_feedback_template: str = "The verifier's feedback on your own earlier attempt:\n{feedback}\n\n"
     context_template: str = (
         "{question}\n\n---\nOther attempts at this question, for reference:\n\n{peers}---\n"
+        "{feedback}Now solve the original question above correctly, in your own words, and follow its answer format."
+    )
+    feedback_only_template: str = (
+        "{question}\n\n---\n{feedback}"
         "Now solve the original question above correctly, in your own words, and follow its answer format."
     )
     truncation_marker: str = "\n[... {n} tokens omitted ...]\n"
@@ -247,9 +288,29 @@ class PeerConfig:
         _require(self.n_success >= 0 and self.n_failure >= 0, "model.peers", "n_success and n_failure must be >= 0")
         _require(self.context in PEER_CONTEXTS, "model.peers.context",
                  f"is {self.context!r}; expected one of {', '.join(PEER_CONTEXTS)}")
-        _require(self.n_success + self.n_failure >= 1 or self.context == "none", "model.peers",
+        _require(self.n_success + self.n_failure >= 1 or self.context == "none"
+                 or (self.summaries != "off" and self.summary_k > 0), "model.peers",
                  "n_success and n_failure are both 0: a teacher context needs at least one peer "
                  "(model.peers.context: none shows the teacher the plain prompt)")
+        _require(self.summaries in ("off", "success", "failure", "all"), "model.peers.summaries",
+                 f"is {self.summaries!r}; expected off, success, failure or all")
+        _require(self.summaries == "off" or self.summary_k == 0 or self.context == "peers", "model.peers.summaries",
+                 f"shows summaries in the method's contexts; model.peers.context is {self.context!r} (the reference "
+                 "turns summaries off for its controls)")
+        _require(self.summary_k >= 0 and self.summary_fallback_chars >= 0, "model.peers",
+                 "summary_k and summary_fallback_chars must be >= 0")
+        _require(bool(re.fullmatch(r"[A-Za-z][\w-]*", self.summary_tag)), "model.peers.summary_tag",
+                 f"is {self.summary_tag!r}; expected a tag name such as summary")
+        for name in ("summary_success_template", "summary_failure_template"):
+            _require("{summary}" in getattr(self, name), f"model.peers.{name}", "must contain {summary}")
+        _require(self.control_match in ("block", "token"), "model.peers.control_match",
+                 f"is {self.control_match!r}; expected block or token")
+        _require(self.self_feedback in ("never", "always", "without_success"), "model.peers.self_feedback",
+                 f"is {self.self_feedback!r}; expected never, always or without_success")
+        if self.self_feedback != "never":
+            for name in ("context_template", "feedback_only_template"):
+                _require("{feedback}" in getattr(self, name), f"model.peers.{name}",
+                         "has no {feedback} field, so model.peers.self_feedback would show nothing")
         _require(self.failure_when in ("always", "when_no_success"), "model.peers.failure_when",
                  f"is {self.failure_when!r}; expected 'always' or 'when_no_success'")
         _require(self.max_peer_tokens >= 8, "model.peers.max_peer_tokens", "must be at least 8")

@@ -98,6 +98,9 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
             "train/teacher_prompt_len_max": float(max(prompt_lengths)),
             "train/peer_truncation_fraction": sum(c.truncated_peers for c in contexts) / max(peers_total, 1),
             "train/feedback_in_context": float(feedback_in_context),
+            "train/summaries_per_context": sum(len(c.summarized) for c in contexts) / len(contexts),
+            "train/summary_fallback_fraction": (sum(c.summary_fallbacks for c in contexts)
+                                                / max(sum(len(c.summarized) for c in contexts), 1)),
             **success_coverage(rollouts, contexts),
         })
     if stats.get("self_bleu") is not None:  # how alike a group's rollouts are (collapse: towards 1)

@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import MeanMetric
 
-from .analysis import CONTEXT_VARIANTS, teacher_signal_records
+from .analysis import DEFAULT_VARIANTS, teacher_signal_records
 from .answers import rollout_parts
 from .config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LoRAConfig, LossConfig, OptimConfig, PeerConfig,
                      PreferenceConfig, SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
@@ -32,7 +32,7 @@ from .methods import MethodName, build_method
 from .metrics import PassAtK, training_metrics
 from .models import check_same_vocabulary, load_causal_lm, load_tokenizer, resolve_path
 from .objectives import TrainingSignal, group_advantages
-from .peers import build_teacher_contexts
+from .peers import build_teacher_contexts, with_summary_request
 from .roles import Weights, resolve_roles
 from .rewards import get_verifier, verify_batch
 from .rollouts import Rollouts
@@ -135,7 +135,7 @@ class MOPDModule(pl.LightningModule):
         self.skipped_steps = 0  # steps dropped for a non-finite loss or gradient
         self.update_in_progress: Optional[StudentUpdate] = None  # the optimizer update whose step is running
         self.sandbox_level = None  # rank of the code sandbox's isolation (0 process, 1 namespaces, 2 full), once used
-        self.analysis_variants = list(CONTEXT_VARIANTS)  # what predict_step (mopd analyze) scores
+        self.analysis_variants = list(DEFAULT_VARIANTS)  # what predict_step (mopd analyze) scores
         k = sampling.val_samples
         self.eval_metrics = torch.nn.ModuleDict({
             stage: torch.nn.ModuleDict({"greedy": MeanMetric(), "mean": MeanMetric(), "reward": MeanMetric(),
@@ -315,8 +315,9 @@ class MOPDModule(pl.LightningModule):
         return self.engine.sync(self.student)
 
     def render(self, messages: List[Dict[str, str]]) -> List[int]:
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                       return_dict=False))
+        """The student's prompt (asking for a summary of its answer when ``model.peers.summaries`` is on)."""
+        return list(self.tokenizer.apply_chat_template(with_summary_request(messages, self.peers),
+                                                       add_generation_prompt=True, tokenize=True, return_dict=False))
 
     def verify(self, batch: List[Example], rollouts: Rollouts) -> None:
         """Score every rollout (each domain's together, in parallel) and decide its success, once."""

@@ -1,5 +1,6 @@
 """The teacher-signal analysis: its statistics against direct computations, and its records on a tiny model."""
 
+import dataclasses
 import itertools
 import json
 import random
@@ -8,10 +9,11 @@ import pytest
 import torch
 from test_step import examples, make
 
-from mopd_lightning.analysis import (CONTEXT_VARIANTS, auc, bootstrap_mean, brier, brier_sigmoid, kendall_gamma,
-                                     pairwise_accuracy, point_biserial, spearman, summarize, teacher_signal_records,
-                                     top1_hit, variant_peers)
+from mopd_lightning.analysis import (CONTEXT_VARIANTS, DEFAULT_VARIANTS, OWN_LABEL, auc, bootstrap_mean, brier,
+                                     brier_sigmoid, kendall_gamma, pairwise_accuracy, point_biserial, spearman,
+                                     summarize, teacher_signal_records, top1_hit, variant_peers, markdown_report)
 from mopd_lightning.config import PeerConfig
+from mopd_lightning.rewards import Score
 
 
 def test_auc_and_pairwise_accuracy_by_hand():
@@ -116,7 +118,18 @@ def test_variants_are_the_paper_mixes_and_controls():
     assert variant_peers(base, "swapped_labels").context == "swapped_labels"
     assert variant_peers(base, "1F").max_peer_tokens == 99
     assert {"none", "1S", "2S", "1F", "1S1F", "2S1F", "random_peer", "unrelated_prompt", "swapped_labels",
-            "success_only_matched"} == set(CONTEXT_VARIANTS)
+            "success_only_matched"} == set(DEFAULT_VARIANTS)
+    assert set(CONTEXT_VARIANTS) - set(DEFAULT_VARIANTS) == set(OWN_LABEL) | {"1S+summaries"}  # when asked for
+    with pytest.raises(ValueError, match="model.peers.summaries"):
+        variant_peers(base, "1S+summaries")  # the run did not ask its student for summaries
+    asking = PeerConfig(summaries="all", summary_k=7)
+    assert variant_peers(asking, "1S+summaries").summary_k == 7
+    assert variant_peers(asking, "random_peer").summary_k == 0  # asked (the prompts), not shown
+    trained_with_feedback = PeerConfig(self_feedback="always")
+    assert variant_peers(trained_with_feedback, "2S1F").self_feedback == "never"
+    assert variant_peers(base, "2S1F_feedback_without_success").self_feedback == "without_success"
+    assert (variant_peers(base, "self_feedback").context, variant_peers(base, "self_feedback").self_feedback) == (
+        "none", "always")
     with pytest.raises(ValueError, match="3S"):
         variant_peers(base, "3S")
 
@@ -144,6 +157,30 @@ def test_records_on_a_tiny_model(tiny_model, lora):
         has_other_success = sum(x["success"] for x in groups) - r["success"] > 0
         assert (r["teacher"]["1S"] is not None) == has_other_success
         assert r["teacher"]["2S1F"] is not None  # every other rollout is a success or a failure
+
+
+def test_the_reference_contexts_score_in_the_analysis(tiny_model, monkeypatch):
+    """The summaries context and the two own-feedback ones on a tiny model whose run asks for summaries: every
+    rollout with feedback gets a self_feedback record, and the length-matched controls score beside them."""
+    from mopd_lightning.rewards import VERIFIERS
+
+    monkeypatch.setitem(VERIFIERS, "parity_feedback", lambda strict, sandbox: lambda response, truth: Score(
+        float(len(response) % 2 == 0), None if len(response) % 2 == 0 else "Odd length."))
+    module = make(tiny_model, peers=PeerConfig(summaries="all", summary_k=3))
+    module.setup("fit")
+    module.configure_model()
+    batch = [dataclasses.replace(e, verifier="parity_feedback") for e in examples(3)]
+    assert "summary" in module.tokenizer.decode(module.render(batch[0].messages))  # the student is asked
+    variants = ["2S1F", "random_peer", "1S+summaries", "2S1F_feedback_without_success", "self_feedback"]
+    records = teacher_signal_records(module, batch, variants)
+    assert {r["success"] for r in records} == {True, False}
+    for r in records:  # the EMA teacher is the student: on the plain prompt (no feedback to show) it scores alike
+        plain = r["teacher"]["self_feedback"]["logp"] == pytest.approx(r["student_logp"], abs=1e-5)
+        assert plain == r["success"]  # only a failure has feedback, and it changes the teacher's view
+        assert r["group_self_bleu"] is not None and 0 <= r["group_self_bleu"] <= 1
+    summary = summarize(records, variants, samples=100)
+    assert summary["self_bleu"]["n"] == 3 and set(summary["variants"]) == set(variants)
+    assert "reveals its outcome" in markdown_report(summary, "t")
 
 
 def test_a_written_report_is_resummarized_from_its_records(tmp_path):
@@ -240,15 +277,17 @@ def test_reports_of_another_model_or_wording_are_not_joined(tmp_path, setting, f
 def test_the_analysis_never_shows_a_rollout_itself_whatever_the_training_setting():
     """With ``dont_reprompt_on_self_success: false`` training may show a success itself; the analysis measures what
     the peers tell the teacher, so no variant ever does, and swapped_labels shows only true failures as successes."""
-    from mopd_lightning.peers import choose_peers
+    from mopd_lightning.peers import choose_peers, choose_summaries
 
-    base = PeerConfig(dont_reprompt_on_self_success=False)
+    base = PeerConfig(dont_reprompt_on_self_success=False, summaries="all", summary_k=3)
     groups, success = [[0, 1, 2, 3]], [True, True, False, False]
     for name in CONTEXT_VARIANTS:
         config = variant_peers(base, name)
         for seed in range(100):
-            for r, chosen in enumerate(choose_peers(groups, success, config, [f"s{seed}"])):
-                assert r not in [p.rollout for p in chosen], (name, seed, r)
+            whole = choose_peers(groups, success, config, [f"s{seed}"], lengths=[5, 9, 7, 6])
+            summarized = choose_summaries(groups, success, whole, config, [f"s{seed}"])
+            for r, chosen in enumerate(whole):
+                assert r not in [p.rollout for p in chosen + summarized[r]], (name, seed, r)
                 if name == "swapped_labels":
                     assert all(success[p.rollout] != p.shown_success for p in chosen)
 

@@ -109,6 +109,55 @@ def test_success_only_matched_fills_failure_slots_with_successes():
         assert all(success[j] for j in successes)
 
 
+@pytest.mark.parametrize("context", ["random_peer", "swapped_labels", "success_only_matched", "unrelated_prompt"])
+def test_a_length_matched_control_fills_each_slot_with_the_closest_length(context):
+    """``control_match: token``: slot by slot as the 2S1F context drawn from the same seed, the control's candidate
+    closest in length to the peer 2S1F shows there; block mode draws at random."""
+    success = [True, True, True, False, False, False, True, True, True]
+    lengths = [10, 50, 90, 12, 48, 95, 30, 52, 88]
+    groups = [[0, 1, 2, 3, 4, 5], [6, 7, 8]]  # enough candidates that no slot goes empty before the last
+    real_config = PeerConfig(n_success=2, n_failure=1)
+    matched_config = PeerConfig(n_success=2, n_failure=1, context=context, control_match="token")
+    for seed in range(30):
+        keys = [f"s{seed}", f"t{seed}"]
+        real = choose_peers(groups, success, real_config, keys, lengths)
+        control = choose_peers(groups, success, matched_config, keys, lengths)
+        for i in groups[0]:
+            assert len(control[i]) <= len(real[i]) and i not in [p.rollout for p in control[i]]
+            for shown, slot in zip(control[i], real[i]):
+                if context == "random_peer":
+                    pool = [j for j in groups[0] if j != i]
+                elif context == "swapped_labels":
+                    pool = [j for j in groups[0] if j != i and success[j] != slot.shown_success]
+                elif context == "success_only_matched":
+                    pool = [j for j in groups[0] if j != i and success[j]]
+                else:
+                    pool = groups[1] if slot.shown_success else [j for j in groups[0] if j != i and not success[j]]
+                closest = min(abs(lengths[j] - lengths[slot.rollout]) for j in pool if j not in
+                              [p.rollout for p in control[i][:control[i].index(shown)]])
+                assert abs(lengths[shown.rollout] - lengths[slot.rollout]) == closest, (seed, i)
+                assert shown.shown_success == (slot.shown_success or context == "success_only_matched")
+
+
+def test_length_matching_moves_a_random_control_towards_the_real_contexts_length():
+    success = [True, True, False, False, False, False, False, False]
+    lengths = [20, 22, 200, 210, 190, 21, 23, 205]
+    groups = [list(range(8))]
+
+    def mean_length(config):
+        total = shown = 0
+        for seed in range(50):
+            for chosen in choose_peers(groups, success, config, [f"s{seed}"], lengths):
+                total += sum(lengths[p.rollout] for p in chosen)
+                shown += 1
+        return total / shown
+
+    real = mean_length(PeerConfig(n_success=2, n_failure=1))
+    block = mean_length(PeerConfig(n_success=2, n_failure=1, context="random_peer"))
+    token = mean_length(PeerConfig(n_success=2, n_failure=1, context="random_peer", control_match="token"))
+    assert abs(token - real) < 0.2 * abs(block - real)
+
+
 def test_fill_leaves_braces_in_values():
     assert fill("{question}|{peers}", question="f(x) = {x}", peers="\\boxed{2}") == "f(x) = {x}|\\boxed{2}"
 
@@ -158,6 +207,105 @@ def test_feedback_only_when_enabled(tokenizer):
     assert "Feedback on that attempt: bad format" in tokenizer.decode(contexts[0].prompt_ids)
 
 
+CLOSING = "Now solve the original question above correctly, in your own words, and follow its answer format."
+
+
+def chat(tokenizer, content):
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def test_own_feedback_joins_the_context_token_for_token(tokenizer):
+    """``self_feedback``: the rollout's own verifier feedback after its peers (always, or only when no success is
+    shown), or alone with the question when it has no peers; a rollout without feedback keeps its usual context."""
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in ("right", "wrong one", "wrong two")],
+                           [1.0, 0.0, 0.0], [None, "The answer B is incorrect.", "No final answer found."])
+    peers = ("Q\n\n---\nOther attempts at this question, for reference:\n\n"
+             "Here is a correct solution from another attempt:\nright\n\n"
+             "Here is an incorrect solution from another attempt:\nwrong two\n\n---\n")
+    own = "The verifier's feedback on your own earlier attempt:\nThe answer B is incorrect.\n\n"
+    always = build_teacher_contexts([example], rollouts, tokenizer,
+                                    PeerConfig(n_success=1, n_failure=1, self_feedback="always"), "k")
+    assert always[1].prompt_ids == chat(tokenizer, peers + own + CLOSING)
+    assert "feedback" not in tokenizer.decode(always[0].prompt_ids)  # the success has no feedback
+    shown_success = build_teacher_contexts([example], rollouts, tokenizer,
+                                           PeerConfig(n_success=1, n_failure=1, self_feedback="without_success"), "k")
+    assert shown_success[1].prompt_ids == chat(tokenizer, peers + CLOSING)  # a success is shown: no feedback
+    failures_only = build_teacher_contexts([example], rollouts, tokenizer,
+                                           PeerConfig(n_success=0, n_failure=1, self_feedback="without_success"), "k")
+    assert own in tokenizer.decode(failures_only[1].prompt_ids)
+    alone = build_teacher_contexts([example], rollouts, tokenizer, PeerConfig(context="none", self_feedback="always"),
+                                   "k")
+    assert alone[1].prompt_ids == chat(tokenizer, "Q\n\n---\n" + own + CLOSING) and alone[1].active
+    assert alone[0].prompt_ids == rollouts.prompt_ids[0] and alone[0].active  # no feedback: the plain prompt
+    gated = build_teacher_contexts([example], rollouts, tokenizer,
+                                   PeerConfig(n_success=0, n_failure=1, require_success=True, self_feedback="always"),
+                                   "k")
+    assert gated[1].active and not gated[1].peers and gated[1].prompt_ids == chat(tokenizer, "Q\n\n---\n" + own
+                                                                                  + CLOSING)
+    assert not gated[0].active  # no success peer and no feedback: no signal
+
+
+def test_summary_is_the_first_tagged_span_or_the_start_of_the_response():
+    from mopd_lightning.peers import summary_of
+
+    config = PeerConfig(summaries="all", summary_fallback_chars=10)
+    assert summary_of("B.\n<summary>\n used units </summary> <summary>two</summary>", config) == ("used units", False)
+    assert summary_of("no summary in this response", config) == ("no summary", True)
+    assert summary_of("<summary> </summary> empty", config) == ("<summary> ", True)  # an empty one is none
+    assert summary_of("<Summary>x</Summary>", config)[1]  # the tag is case-sensitive, as the reference's
+
+
+def test_the_summary_request_ends_the_last_user_turn():
+    from mopd_lightning.peers import with_summary_request
+
+    messages = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]
+    assert with_summary_request(messages, PeerConfig()) == messages
+    asked = with_summary_request(messages, PeerConfig(summaries="all", summary_tag="gist"))
+    assert asked[0] == messages[0] and asked[1]["content"] == (
+        "Q\n\nAfter your answer, sum up your approach in one sentence between <gist> and </gist>.")
+
+
+def test_summaries_join_the_context_token_for_token(tokenizer):
+    """The reference's shipped default: one success shown whole, then the summaries of up to k other rollouts of
+    the group (all outcomes, each labelled by its own), never the rollout itself nor the one shown whole; the
+    question carries the request for a summary; a rollout without a summary is shown by the start of its response."""
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    texts = ["A <summary>used units</summary>", "B <summary>guessed</summary>", "C without one",
+             "D <summary>read it wrong</summary>"]
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in texts], [1.0, 1.0, 0.0, 0.0])
+    config = PeerConfig(n_success=1, n_failure=0, summaries="all", summary_k=7)
+    contexts = build_teacher_contexts([example], rollouts, tokenizer, config, "k")
+    question = "Q\n\nAfter your answer, sum up your approach in one sentence between <summary> and </summary>."
+    for r, context in enumerate(contexts):
+        (whole,) = context.peers
+        assert whole.shown_success and whole.rollout != r
+        assert sorted(p.rollout for p in context.summarized) == sorted({0, 1, 2, 3} - {r, whole.rollout})
+        summaries = "".join(
+            f"Summary of another {'correct' if rollouts.success[p.rollout] else 'incorrect'} attempt: "
+            f"{ {0: 'used units', 1: 'guessed', 2: 'C without one', 3: 'read it wrong'}[p.rollout]}\n\n"
+            for p in context.summarized)
+        content = (f"{question}\n\n---\nOther attempts at this question, for reference:\n\n"
+                   f"Here is a correct solution from another attempt:\n{texts[whole.rollout]}\n\n{summaries}---\n"
+                   + CLOSING)
+        assert context.prompt_ids == chat(tokenizer, content), r
+        assert context.summary_fallbacks == (2 in [p.rollout for p in context.summarized])
+    successes_only = build_teacher_contexts([example], rollouts, tokenizer,
+                                            PeerConfig(n_success=1, n_failure=0, summaries="success", summary_k=3),
+                                            "k")
+    assert all(rollouts.success[p.rollout] for c in successes_only for p in c.summarized)
+    assert [len(c.summarized) for c in successes_only] == [0, 0, 1, 1]  # the one other success is shown whole
+
+
+def test_summaries_are_refused_in_a_control_and_need_their_field():
+    with pytest.raises(ValueError, match="model.peers.summaries"):
+        PeerConfig(context="random_peer", summaries="all", summary_k=2)
+    PeerConfig(context="random_peer", summaries="all", summary_k=0)  # asked for, shown nowhere: the analysis's case
+    with pytest.raises(ValueError, match="model.peers.summary_success_template"):
+        PeerConfig(summaries="all", summary_success_template="no field")
+
+
 def test_context_none_is_the_plain_prompt_and_unrelated_shows_another_answer(tokenizer):
     batch = [Example(q, [{"role": "user", "content": q}], "A", "sci") for q in ("Q0", "Q1")]
     rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in ("alpha", "beta", "gamma", "delta")],
@@ -176,6 +324,8 @@ def test_context_none_is_the_plain_prompt_and_unrelated_shows_another_answer(tok
     ("model.peers.failure_when", {"failure_when": "sometimes"}),
     ("model.peers.context_template", {"context_template": "no fields"}),
     ("model.peers.context", {"context": "imaginary_friend"}),
+    ("model.peers.self_feedback", {"self_feedback": "sometimes"}),
+    ("model.peers.context_template", {"self_feedback": "always", "context_template": "{question} {peers}"}),
 ])
 def test_bad_peer_config_names_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field.replace(".", r"\.")):
@@ -238,3 +388,27 @@ def test_thinking_is_removed_from_success_peers_only(tokenizer):
         text = tokenizer.decode(build_teacher_contexts([example], rollouts, tokenizer, config, "k")[2].prompt_ids)
         assert "right" in text and "wrong" in text and "SECRET-F" in text
         assert ("SECRET-S" in text) != remove
+
+
+@pytest.mark.parametrize("method", ["mopd", "opd"])
+@pytest.mark.parametrize("summaries", ["off", "all"])
+@pytest.mark.parametrize("self_feedback", ["never", "without_success"])
+def test_summaries_and_own_feedback_train_with_each_method(tiny_model, monkeypatch, method, summaries,
+                                                           self_feedback):
+    """The reference's contexts where they meet the methods (opd's preset peers: one success, no failure) in a real
+    step: summaries are shown (the random model writes none: each stood in for by its response's start), and a
+    failure's own feedback reaches a context that shows no success."""
+    from mopd_lightning.rewards import VERIFIERS
+    from test_step import make, run
+
+    monkeypatch.setitem(VERIFIERS, "parity", lambda strict, sandbox: lambda response, truth: Score(
+        float(len(response) % 2 == 0), None if len(response) % 2 == 0 else "Odd length."))
+    module = make(tiny_model, method=method, peers=PeerConfig(summaries=summaries, summary_k=2,
+                                                              self_feedback=self_feedback))
+    metrics = run(module, steps=1).callback_metrics
+    if summaries == "all":
+        assert float(metrics["train/summaries_per_context"]) > 0
+        assert float(metrics["train/summary_fallback_fraction"]) == 1.0
+    else:
+        assert float(metrics["train/summaries_per_context"]) == 0
+    assert float(metrics["train/grad_norm"]) > 0

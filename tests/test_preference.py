@@ -30,8 +30,9 @@ def reference_loss(logp, reference, kind, config):
     beta = config.dpo_beta if kind == "dpo" else config.simpo_beta
     gamma = 0.0 if kind == "dpo" else config.simpo_gamma
     eps = config.label_smoothing
-    losses = [-(1 - eps) * F.logsigmoid(beta * (h[a] - h[b]) - gamma) - eps * F.logsigmoid(-(beta * (h[a] - h[b]) - gamma))
-              for a in range(len(h)) for b in range(len(h)) if GROUPS[a] == GROUPS[b] and REWARDS[a] > REWARDS[b]]
+    z = [beta * (h[a] - h[b]) - gamma
+         for a in range(len(h)) for b in range(len(h)) if GROUPS[a] == GROUPS[b] and REWARDS[a] > REWARDS[b]]
+    losses = [-(1 - eps) * F.logsigmoid(v) - eps * F.logsigmoid(-v) for v in z]
     return torch.stack(losses).mean(), len(losses)
 
 
