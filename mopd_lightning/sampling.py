@@ -113,7 +113,8 @@ class SeededSampler:
         self.entropies: List[torch.Tensor] = []  # one (rows,) tensor per generated position, left on the device
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        keys = row_keys(self.seeds.to(scores.device), input_ids.shape[1] - self.prompt_width)
+        self.seeds = self.seeds.to(scores.device)  # copied once, on the first step
+        keys = row_keys(self.seeds, input_ids.shape[1] - self.prompt_width)
         noisy, entropy = self.scores(scores, keys, *self.options)
         self.entropies.append(entropy)
         return noisy
