@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from .answers import PARTS, rollout_parts
-from .config import ConfigError, PeerConfig
+from .config import LABEL_BLIND, ConfigError, PeerConfig
 from .diversity import self_bleu
 from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
@@ -70,17 +70,18 @@ DEFAULT_VARIANTS = tuple(name for name in CONTEXT_VARIANTS if name not in OWN_LA
 
 
 def variant_peers(base: PeerConfig, name: str) -> PeerConfig:
-    """``base`` (templates, budgets) with the peer mix of variant ``name``; failures always included, no gate, and a
-    rollout never shown itself (``dont_reprompt_on_self_success``): the analysis measures what the peers tell the
-    teacher about a rollout, never the rollout's own label. Controls are length-matched (``control_match: token``):
-    each slot holds the candidate closest in length to the peer the 2S1F context shows there."""
+    """``base`` (templates, budgets, ``control_match``) with the peer mix of variant ``name``; failures always
+    included, no gate, and a rollout never shown itself (``dont_reprompt_on_self_success``): the analysis measures
+    what the peers tell the teacher about a rollout, never the rollout's own label. The label-blind controls never
+    show the peers' feedback (``include_feedback``), which states their outcome."""
     if name not in CONTEXT_VARIANTS:
         raise ValueError(f"unknown context variant {name!r}; known: {', '.join(CONTEXT_VARIANTS)}")
     settings = dict(n_success=base.n_success, n_failure=base.n_failure, context="peers", failure_when="always",
                     require_success=False, dont_reprompt_on_self_success=True, self_feedback="never",
-                    control_match="token",  # a control differs from 2S1F in content, not in length
                     summary_k=0)  # a run that asks for summaries keeps asking (its prompts); only this variant shows them
     settings.update(CONTEXT_VARIANTS[name])
+    if settings["context"] in LABEL_BLIND:
+        settings["include_feedback"] = False
     if name == SUMMARIES:
         if base.summaries == "off" or base.summary_k == 0:
             raise ConfigError(f"analyze.variants: {SUMMARIES} shows the summaries the student was asked for: set "
@@ -89,10 +90,11 @@ def variant_peers(base: PeerConfig, name: str) -> PeerConfig:
     return dataclasses.replace(base, **settings)
 
 
-def score_settings(module) -> Dict[str, Any]:
-    """Every setting of ``module`` that changes a score, as the report records it: reports are joined only when
-    these (and the checkpoint, precision and seed) agree."""
-    peers = variant_peers(module.peers, "2S1F")
+def score_settings(module, variants: Sequence[str]) -> Dict[str, Any]:
+    """Every setting of ``module`` that changes a score, as the report records it: the run's peer settings, and
+    per variant the peer settings it changed (what it actually showed: its mix, its summaries, its feedback).
+    Reports are joined only when these (and the checkpoint, precision and seed) agree."""
+    peers = module.peers
     teacher = module.teacher_config
     return {"student": module.student_name, "dtype": module.dtype_name, "group_size": module.sampling.group_size,
             "temperature": module.sampling.temperature, "top_p": module.sampling.top_p,
@@ -101,8 +103,9 @@ def score_settings(module) -> Dict[str, Any]:
             "teacher": module.roles.teacher_kind,
             "teacher_path": teacher.path if module.roles.teacher_kind == "external" else None,
             "teacher_mix": teacher.mix if module.roles.teacher_kind == "trust_region" else None,
-            "peer_context": {key: value for key, value in vars(peers).items()
-                             if key not in ("n_success", "n_failure", "context", "max_peer_tokens")}}
+            "peer_context": {key: value for key, value in vars(peers).items() if key != "max_peer_tokens"},
+            "variant_peers": {name: {key: value for key, value in vars(variant_peers(peers, name)).items()
+                                     if value != getattr(peers, key)} for name in variants}}
 
 
 def _mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
@@ -275,11 +278,10 @@ SEPARATION = ("auc", "pairwise_accuracy", "spearman", "kendall_gamma", "point_bi
 PART_AUCS = tuple(f"auc_{part}" for part in PARTS)
 """The AUC of the score on each part of the response alone."""
 
-LABEL_BLIND = ("random_peer", "swapped_labels")
-"""Controls that show the group's rollouts with labels that say nothing (random_peer: random peers in the 2S1F
-slots, labelled by slot) or against the verifier's (swapped_labels). A context whose AUC does not beat theirs,
-prompt by prompt, uses what the peers say, not whether they succeeded: the success-and-failure contrast MOPD is
-built on is not what moves its teacher."""
+# The label-blind controls (``config.LABEL_BLIND``) show the group's rollouts with labels that say nothing
+# (random_peer) or against the verifier's (swapped_labels). A context whose AUC does not beat theirs, prompt by
+# prompt, uses what the peers say, not whether they succeeded: the success-and-failure contrast MOPD is built on is
+# not what moves its teacher.
 
 
 def score(record: Dict[str, Any], variant: str) -> float:
@@ -374,6 +376,9 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
                     if key in prompt_auc[name]:
                         prompt_auc[name][key][prompt] = value
         summary["variants"][name] = {"rollouts_scored": scored_rollouts}
+        if "2S1F" in variants:  # a control covers what the method covers, or says how much it left out
+            summary["variants"][name]["left_out_of_2S1F"] = sum(
+                1 for r in records if r["teacher"].get("2S1F") and not r["teacher"].get(name))
         summary["variants"][name].update({key: bootstrap_mean(values, samples, seed)
                                           for key, values in per_prompt.items()})
     for name in variants:
@@ -397,8 +402,28 @@ def _label(variant: str) -> str:
     return f"{variant} (its own feedback: reveals its outcome)" if variant in OWN_LABEL else variant
 
 
+def _coverage_table(summary: Dict[str, Any], meta: Dict[str, Any]) -> List[str]:
+    """Per variant: how its peers were picked (``control_match``, for the controls), the rollouts it gave a context
+    to, those 2S1F gave one to and it did not, and the prompts its AUC is defined on: a control that covers fewer
+    prompts than the context it is compared with compares a subset."""
+    rows = []
+    for name, stats in summary["variants"].items():
+        settings = {**(meta.get("peer_context") or {}), **((meta.get("variant_peers") or {}).get(name) or {})}
+        control = CONTEXT_VARIANTS.get(name, {}).get("context") not in (None, "none")
+        match = settings.get("control_match", "?") if control else "-"
+        left_out = stats.get("left_out_of_2S1F")
+        rows.append(f"| {_label(name)} | {match} | {stats['rollouts_scored']} | "
+                    f"{'-' if left_out is None else left_out} | {stats.get('auc', {}).get('n', 0)} |")
+    return ["", "**What each context covers.** Rollouts given a context, rollouts 2S1F gives one to that this one "
+            "does not (a control with none to show them: no other prompt's rollouts, no success to fill the slots), "
+            "and prompts with both outcomes its AUC is defined on. `control_match`: how a control picks its peers "
+            "(`block` at random; `token` length-matched to 2S1F's, slot by slot).", "",
+            "| context | control_match | rollouts with a context | left out of 2S1F's | prompts (AUC) |",
+            "|---|---|---|---|---|", *rows]
+
+
 def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str, Any]] = None) -> str:
-    settings = ", ".join(f"{k}: {v}" for k, v in (meta or {}).items() if k != "wall_s")
+    settings = ", ".join(f"{k}: {v}" for k, v in (meta or {}).items() if k not in ("wall_s", "variant_peers"))
     lines = [f"# {title}", "", *([f"Settings: {settings}.", ""] if settings else []),
              f"{summary['prompts']} prompts, {summary['rollouts']} rollouts, success rate "
              f"{summary['success_rate']:.3f}, {summary['mixed_prompts']} prompts with both a success and a failure"
@@ -410,8 +435,7 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
              "pairwise accuracy and top-1 hit 0.5 (top-1: the prompt's success rate), correlations 0, Brier 0.25 or "
              "more (lower is better; the sigmoid variant, the reference's, reads sigmoid of the teacher's mean "
              "log-prob as the probability, at most 0.5). Ties in score count one half; Kendall is the reference's (Goodman-Kruskal "
-             "gamma). Controls are length-matched to the 2S1F context, slot by slot (the candidate closest in length "
-             "to the peer 2S1F shows there).", "",
+             "gamma).", "",
              "| context | AUC | pairwise acc. | Spearman | Kendall (gamma) | point-biserial | Brier (min-max) "
              "| Brier (sigmoid of the mean log-prob) | top-1 hit |", "|---|---|---|---|---|---|---|---|---|"]
     if "student_confidence" in summary:  # reports written before it existed lack it
@@ -421,6 +445,7 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
     for name, stats in summary["variants"].items():
         lines.append(f"| {_label(name)} | " + " | ".join(_cell(stats[key]) if key in stats else "-"
                                                          for key in SEPARATION) + " |")
+    lines += _coverage_table(summary, meta or {})
     controls = [c for c in LABEL_BLIND if any(f"auc_minus_{c}" in stats for stats in summary["variants"].values())]
     if controls:
         lines += ["", "**Does the context use the labels?** Each context's AUC minus a label-blind control's, paired by "
@@ -523,9 +548,16 @@ def resummarize(reports: Sequence[str], output_dir: Optional[str] = None, sample
     reports = [reports] if isinstance(reports, (str, Path)) else list(reports)
     saved = [json.loads(Path(report).read_text()) for report in reports]
     meta = dict(saved[0]["meta"])
+    variants = [v for v in saved[0]["summary"]["variants"] if all(v in d["summary"]["variants"] for d in saved)]
+
+    def shown(data: Dict[str, Any], variant: str) -> Optional[Dict[str, Any]]:  # what a variant showed, if recorded
+        return (data["meta"].get("variant_peers") or {}).get(variant)
+
     for report, other in zip(reports[1:], saved[1:]):
         differ = [f"{key} ({other['meta'].get(key)!r}, not {meta.get(key)!r})" for key in SAME_SETTINGS
                   if other["meta"].get(key) != meta.get(key)]
+        differ += [f"{name}'s peer settings ({shown(other, name)!r}, not {shown(saved[0], name)!r})"
+                   for name in variants if shown(other, name) != shown(saved[0], name)]
         if differ:
             raise ValueError(f"{report}: its {', '.join(differ)} differ from {reports[0]}'s; reports are joined only "
                              "when their rollouts come from the same model and settings")
@@ -535,14 +567,15 @@ def resummarize(reports: Sequence[str], output_dir: Optional[str] = None, sample
             if prompt in seen:
                 raise ValueError(f"prompt {prompt} is in both {seen[prompt]} and {report}; a prompt counts once")
             seen[prompt] = report
-    variants = [v for v in saved[0]["summary"]["variants"] if all(v in d["summary"]["variants"] for d in saved)]
     records = [record for data in saved for record in data["records"]]
     if len(saved) > 1:
-        for key in {key for data in saved for key in data["meta"]} - set(SAME_SETTINGS) - {"wall_s"}:
+        for key in {key for data in saved for key in data["meta"]} - set(SAME_SETTINGS) - {"wall_s", "variant_peers"}:
             values = [data["meta"].get(key) for data in saved]
             if any(value != values[0] for value in values):  # where the parts differ (prompts, checkpoint): each
                 meta[key] = values
         meta["wall_s"] = sum(data["meta"].get("wall_s", 0.0) for data in saved)
+        if "variant_peers" in meta:
+            meta["variant_peers"] = {name: shown(saved[0], name) for name in variants}
         meta["joined"] = [str(report) for report in reports]
     summary = summarize(records, variants, samples, seed=meta.get("seed", 0))
     return write_report(summary, records, output_dir or str(Path(reports[0]).parent), meta)

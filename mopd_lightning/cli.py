@@ -71,7 +71,7 @@ class MOPDTrainer(Trainer):
             records = [record for part in gathered for record in part]
         summary = summarize(records, variants, samples=bootstrap, seed=model.seed)
         if self.is_global_zero:
-            meta = {**score_settings(model), "ckpt_path": ckpt_path, "precision": str(self.precision),
+            meta = {**score_settings(model, variants), "ckpt_path": ckpt_path, "precision": str(self.precision),
                     "seed": model.seed, "prompts": _prompt_source(datamodule), "wall_s": time.perf_counter() - started}
             folder = write_report(summary, records, os.path.join(self.default_root_dir, output_dir), meta)
             print((folder / "analysis.md").read_text())

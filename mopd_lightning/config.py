@@ -188,6 +188,9 @@ class VLLMConfig:
 
 
 PEER_CONTEXTS = ("peers", "none", "random_peer", "unrelated_prompt", "swapped_labels", "success_only_matched")
+LABEL_BLIND = ("random_peer", "swapped_labels")
+"""Controls whose shown labels say nothing about the peers (``random_peer``) or contradict the verifier
+(``swapped_labels``): nothing else in their contexts may state a peer's outcome."""
 
 
 @dataclass
@@ -200,16 +203,19 @@ class PeerConfig:
         failure_when: ``always`` includes failures whenever there are any; ``when_no_success`` only when the
             group holds no other success.
         context: ``peers`` (the method) or an ablation control: ``none`` (the teacher sees the plain prompt),
-            ``random_peer`` (n_success + n_failure peers drawn ignoring the verifier, the first n_success shown as
-            successes and the rest as failures whatever they are, as the reference fills its 2S1F slots),
-            ``unrelated_prompt`` (the success peers come from other prompts of the batch),
-            ``swapped_labels`` (peers chosen and shown as if every label were flipped),
-            ``success_only_matched`` (the failure slots filled with further successes).
+            ``random_peer`` (n_success + n_failure peers drawn ignoring the verifier, shown with n_success "correct"
+            labels and the rest "incorrect" whatever they are, as the reference fills its 2S1F slots: labels that
+            say nothing), ``unrelated_prompt`` (the same mix of successes and failures, truly labelled, from the
+            other prompts of the batch: never the rollout's own group), ``swapped_labels`` (peers chosen and shown
+            as if every label were flipped: every label shown is wrong), ``success_only_matched`` (the failure
+            slots filled with further successes).
         control_match: how a control (``random_peer``, ``unrelated_prompt``, ``swapped_labels``,
-            ``success_only_matched``) picks its peers: ``block`` at random, as many as its slots; ``token`` each slot
-            filled with the candidate closest in length (tokens) to the peer the method's own context shows in that
-            slot, so that the control differs from it in content, not in length (the analysis's default: a 135M
-            teacher's score moves with its context's length). The reference's ``peer_control_match``.
+            ``success_only_matched``) picks its peers: ``block`` at random, as many as its slots; ``token`` as many
+            as the method's own context shows, each slot filled with the candidate closest in length (tokens) to
+            the peer the method shows there, so that the control differs from it in content, not in length (a
+            135M teacher's score moves with its context's length). ``random_peer`` then takes the method's own
+            peers (unless lengths tie), its labels shuffled over them. The reference's ``peer_control_match``;
+            it matches ``unrelated_prompt`` and ``success_only_matched`` by a running token budget instead.
         require_success: a context without any success peer gives no signal (the rollout is masked and counted);
             off in the paper. Small models that rarely succeed get failure-only contexts, which the analysis
             (``mopd analyze``) shows carry no signal at 135M while still raising the teacher's entropy.
@@ -222,7 +228,8 @@ class PeerConfig:
             success peers before they enter the context, as the reference does for its demonstrations; failure
             peers are shown as written. An unclosed ``<think>`` is left as it is.
         max_peer_tokens: token budget per peer; longer peers lose their middle (a marker shows where).
-        include_feedback: add each peer's verifier feedback (off by default, and reported in the logs).
+        include_feedback: add each peer's verifier feedback (off by default, and reported in the logs). Refused
+            with ``random_peer`` and ``swapped_labels``: feedback states the peer's outcome.
         self_feedback: the rollout's own verifier feedback at the end of its teacher context (SDPO's signal; the
             reference's ``include_environment_feedback``): ``always``, ``without_success`` (only when the context
             shows no success: the reference's ``environment_feedback_only_without_solution``) or ``never``. A
@@ -303,6 +310,9 @@ class PeerConfig:
                  f"is {self.summary_tag!r}; expected a tag name such as summary")
         for name in ("summary_success_template", "summary_failure_template"):
             _require("{summary}" in getattr(self, name), f"model.peers.{name}", "must contain {summary}")
+        _require(not (self.include_feedback and self.context in LABEL_BLIND), "model.peers.include_feedback",
+                 f"shows each peer's verifier feedback, which states its outcome; model.peers.context "
+                 f"{self.context} is a label-blind control, whose labels must say nothing (turn one of them off)")
         _require(self.control_match in ("block", "token"), "model.peers.control_match",
                  f"is {self.control_match!r}; expected block or token")
         _require(self.self_feedback in ("never", "always", "without_success"), "model.peers.self_feedback",

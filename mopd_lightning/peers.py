@@ -1,6 +1,7 @@
 """Peer contexts: which other rollouts each rollout's teacher sees, and the teacher prompt they make.
 
-Leave-one-out: rollout ``i`` never sees itself. Peers are drawn uniformly without replacement from a
+Leave-one-out: rollout ``i`` never sees itself (unless ``dont_reprompt_on_self_success`` is off, which lets a
+success be its own success peer in the method's context and in ``success_only_matched``). Peers are drawn uniformly without replacement from a
 generator seeded per rollout (seed, step, prompt id, rollout index), so the same seed gives the same contexts
 on any rank. Only peers are ever truncated (in the middle, with a visible marker): the question, the closing
 instruction and the rollout's own response always reach the teacher whole.
@@ -30,78 +31,102 @@ class Peer:
     shown_success: bool
 
 
+@dataclass(frozen=True)
+class _Source:
+    """Where up to ``count`` of a context's peers come from, and the label they are shown with (``None``:
+    ``random_peer``'s labels, which say nothing about the peer)."""
+
+    label: Optional[bool]
+    candidates: List[int]
+    count: int
+
+
 def choose_peers(groups: Sequence[Sequence[int]], success: Sequence[bool], config: PeerConfig,
                  seed_keys: Sequence[str], lengths: Optional[Sequence[int]] = None) -> List[List[Peer]]:
     """The peers of every rollout; ``groups[g]`` lists the rollouts of prompt ``g``, seeded by ``seed_keys[g]``;
-    ``lengths``: each rollout's response length in tokens (``control_match: token``)."""
+    ``lengths``: each rollout's response length in tokens (``control_match: token``). ``require_success`` is applied
+    later, once the summaries are known (``build_teacher_contexts``)."""
     peers: List[List[Peer]] = [[] for _ in success]
     matched = config.control_match == "token" and config.context not in ("peers", "none")
     if matched and lengths is None:
         raise ValueError("control_match: token needs the rollouts' lengths")
     for g, members in enumerate(groups):
-        elsewhere = [r for h, other in enumerate(groups) if h != g for r in other if success[r]]
+        elsewhere = [r for h, other in enumerate(groups) if h != g for r in other]
         for k, i in enumerate(members):
             seed = f"{seed_keys[g]}:{k}"
             others = [j for j in members if j != i]
             own = [i] if success[i] and not config.dont_reprompt_on_self_success else []
+            sources = _sources(config, others, success, elsewhere, own)
             if matched:
-                chosen = _matched(config, others, success, elsewhere, seed, own, lengths)
+                method = _sources(replace(config, context="peers"), others, success, elsewhere, own)
+                peers[i] = _matched(config, sources, _drawn(config, method, random.Random(seed)), seed, lengths)
             else:
-                chosen = _pick(config, others, success, elsewhere, random.Random(seed), own)
-            if not config.require_success or any(p.shown_success for p in chosen):
-                peers[i] = chosen
+                peers[i] = _drawn(config, sources, random.Random(seed))
     return peers
 
 
-def _matched(config: PeerConfig, others: List[int], success: Sequence[bool], elsewhere: List[int],
-             seed: str, own: List[int], lengths: Sequence[int]) -> List[Peer]:
-    """A control's peers, slot by slot as the method's own context (``context: peers``, drawn from the same seed)
-    fills its slots: each with the unused candidate closest in length to the peer shown there (ties broken at
-    random), from the control's candidates for a success slot or a failure slot, and labelled as the slot."""
-    real = _pick(replace(config, context="peers"), others, success, elsewhere, random.Random(seed), own)
-    rng = random.Random(f"{seed}:matched")
-    flipped = config.context == "swapped_labels"
-    if config.context == "random_peer":
-        candidates = {True: others, False: others}
-    elif config.context == "success_only_matched":
-        successes = [j for j in others if success[j]] + own
-        candidates = {True: successes, False: successes}
-    else:  # unrelated_prompt, swapped_labels
-        failures = [j for j in others if success[j] == flipped]
-        successes = elsewhere if config.context == "unrelated_prompt" else [j for j in others if success[j] != flipped]
-        candidates = {True: successes, False: failures}
-    used: set = set()
+def _sources(config: PeerConfig, others: List[int], success: Sequence[bool], elsewhere: List[int],
+             own: List[int]) -> List[_Source]:
+    """Where one rollout's peers come from under ``config.context``: ``others`` are its group without it,
+    ``elsewhere`` the other prompts' rollouts, ``own`` the rollout itself when it may be its own success peer
+    (``dont_reprompt_on_self_success`` off: the method and ``success_only_matched`` only)."""
+    if config.context == "none":
+        return []
+    if config.context == "random_peer":  # the mix's slots filled ignoring the verifier: labels that say nothing
+        return [_Source(None, others, config.n_success + config.n_failure)]
+    if config.context == "success_only_matched":
+        return [_Source(True, [j for j in others if success[j]] + own, config.n_success + config.n_failure)]
+    if config.context == "unrelated_prompt":  # a mix of the other prompts' rollouts, labelled truly
+        pool = elsewhere
+    else:
+        pool = others
+    flipped = config.context == "swapped_labels"  # shown as successes: true failures only, never the rollout itself
+    successes = [j for j in pool if success[j] != flipped] + ([] if flipped or pool is elsewhere else own)
+    failures = [j for j in pool if success[j] == flipped]
+    sources = [_Source(True, successes, config.n_success)]
+    if config.failure_when == "always" or not successes:
+        sources.append(_Source(False, failures, config.n_failure))
+    return sources
+
+
+def _drawn(config: PeerConfig, sources: List[_Source], rng: random.Random) -> List[Peer]:
+    """Peers drawn at random from each source in turn (``control_match: block``); ``random_peer``'s labelled by
+    position, the first ``n_success`` as successes, as the reference fills its 2S1F slots."""
     picked = []
-    for peer in real:
-        pool = [j for j in candidates[peer.shown_success] if j not in used]
-        rng.shuffle(pool)
-        if not pool:
-            continue
-        best = min(pool, key=lambda j: abs(lengths[j] - lengths[peer.rollout]))
-        used.add(best)
-        picked.append(Peer(best, peer.shown_success or config.context == "success_only_matched"))
+    for source in sources:
+        for k, j in enumerate(rng.sample(source.candidates, min(source.count, len(source.candidates)))):
+            picked.append(Peer(j, k < config.n_success if source.label is None else source.label))
     return picked
 
 
-def _pick(config: PeerConfig, others: List[int], success: Sequence[bool], elsewhere: List[int],
-          rng: random.Random, own: List[int]) -> List[Peer]:
-    """One rollout's peers among ``others`` (its group, itself left out) under ``config.context``; ``own`` holds the
-    rollout itself when it may be its own success peer (``dont_reprompt_on_self_success`` off)."""
-    if config.context == "none":
-        return []
-    size = config.n_success + config.n_failure
-    if config.context == "random_peer":  # the mix's slots filled at random, labelled by slot: labels that say nothing
-        return [Peer(j, k < config.n_success) for k, j in enumerate(rng.sample(others, min(size, len(others))))]
-    flipped = config.context == "swapped_labels"  # shown as successes: true failures only, never the rollout itself
-    successes = [j for j in others if success[j] != flipped] + ([] if flipped else own)
-    failures = [j for j in others if success[j] == flipped]
-    if config.context == "success_only_matched":
-        return [Peer(j, True) for j in rng.sample(successes, min(size, len(successes)))]
-    if config.context == "unrelated_prompt":
-        successes = elsewhere
-    picked = [Peer(j, True) for j in rng.sample(successes, min(config.n_success, len(successes)))]
-    if config.failure_when == "always" or not successes:
-        picked += [Peer(j, False) for j in rng.sample(failures, min(config.n_failure, len(failures)))]
+def _matched(config: PeerConfig, sources: List[_Source], method: List[Peer], seed: str,
+             lengths: Sequence[int]) -> List[Peer]:
+    """A control's peers matched to the method's own context (``method``, drawn from the same seed), slot by slot:
+    each slot takes the unused candidate closest in length to the peer the method shows there (ties broken at
+    random), from a source with the slot's label while one has room, else from any source that has. So a control
+    holds as many peers as the method's context, of about its lengths, unless its candidates run out.
+
+    ``random_peer`` then shuffles its labels over the peers it took: those peers are the method's own where lengths
+    do not tie, so labels kept by slot would be the verifier's."""
+    rng = random.Random(f"{seed}:matched")
+    room = [source.count for source in sources]
+    used: set = set()
+    picked = []
+    for slot in method:
+        preferred = sorted(range(len(sources)), key=lambda s: sources[s].label not in (None, slot.shown_success))
+        for s in preferred:
+            pool = [j for j in sources[s].candidates if j not in used] if room[s] else []
+            if pool:
+                rng.shuffle(pool)
+                best = min(pool, key=lambda j: abs(lengths[j] - lengths[slot.rollout]))
+                used.add(best)
+                room[s] -= 1
+                picked.append(Peer(best, sources[s].label))
+                break
+    if any(peer.shown_success is None for peer in picked):
+        labels = [k < config.n_success for k in range(len(picked))]
+        rng.shuffle(labels)
+        picked = [Peer(peer.rollout, label) for peer, label in zip(picked, labels)]
     return picked
 
 
@@ -161,8 +186,8 @@ def summary_of(text: str, config: PeerConfig) -> tuple[str, bool]:
 def choose_summaries(groups: Sequence[Sequence[int]], success: Sequence[bool], shown: Sequence[Sequence[Peer]],
                      config: PeerConfig, seed_keys: Sequence[str]) -> List[List[Peer]]:
     """The peers each rollout's teacher sees by their summary: ``summary_k`` of the group's successes, failures or
-    all (``summaries``), never the rollout itself (with ``dont_reprompt_on_self_success``, as the reference) nor a
-    peer shown whole; labelled with their outcome."""
+    all (``summaries``), labelled with their outcome; never a peer shown whole, nor the rollout itself, whatever
+    ``dont_reprompt_on_self_success`` says: a failure shown its own summary would be told its own outcome."""
     chosen: List[List[Peer]] = [[] for _ in success]
     if config.summaries == "off" or config.summary_k == 0:
         return chosen
@@ -170,7 +195,7 @@ def choose_summaries(groups: Sequence[Sequence[int]], success: Sequence[bool], s
         for k, i in enumerate(members):
             rng = random.Random(f"{seed_keys[g]}:{k}:summaries")
             whole = {p.rollout for p in shown[i]}
-            pool = [j for j in members if j not in whole and (j != i or not config.dont_reprompt_on_self_success)
+            pool = [j for j in members if j not in whole and j != i
                     and (config.summaries == "all" or success[j] == (config.summaries == "success"))]
             chosen[i] = [Peer(j, success[j]) for j in rng.sample(pool, min(config.summary_k, len(pool)))]
     return chosen
@@ -227,7 +252,8 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
 
     With ``context: none`` the teacher reads the student's own prompt. A rollout without any peer gets an
     empty, inactive context. With ``self_feedback``, a rollout's own feedback joins its context, and a rollout with
-    feedback but no peers gets a context of its feedback alone.
+    feedback but no peers gets a context of its feedback alone. With ``require_success``, a rollout shown no
+    success, whole or by its summary, is shown nothing: no peers, no summaries, no feedback.
     """
     seed_keys = [f"{seed_key}:{e.id}" for e in batch]
     if config.context == "none":
@@ -236,11 +262,16 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
         choices = choose_peers(rollouts.groups, rollouts.success, config, seed_keys,
                                [len(ids) for ids in rollouts.response_ids])
     summarized = choose_summaries(rollouts.groups, rollouts.success, choices, config, seed_keys)
+    if config.require_success:  # no success shown, whole or summarised: no peers, no summaries, no feedback
+        for r, shown in enumerate(choices):
+            if not any(p.shown_success for p in shown + summarized[r]):
+                choices[r], summarized[r] = [], []
     asked = [replace(e, messages=with_summary_request(e.messages, config)) for e in batch]
     truncated: Dict[tuple[int, bool], tuple[str, bool]] = {}  # by (peer, thinking removed): its text, and if cut
     contexts = []
     for r, peers in enumerate(choices):
-        feedback = own_feedback(rollouts, r, peers, tokenizer, config)
+        gated = config.require_success and not peers and not summarized[r]
+        feedback = "" if gated else own_feedback(rollouts, r, peers, tokenizer, config)
         summaries, fallbacks = summary_blocks(rollouts, summarized[r], config)
         if not peers and not summaries and not feedback:
             plain = config.context == "none"  # the student's own prompt, or no context at all

@@ -111,6 +111,23 @@ def test_summary_separates_an_informative_context_from_a_misleading_one():
     assert good["rollouts_scored"] == 19 and summary["variants"]["partial"]["rollouts_scored"] == 13
 
 
+def test_the_report_says_what_each_control_left_out_and_where_its_auc_is_defined():
+    """A control that reaches fewer rollouts than 2S1F compares a subset: the summary counts them, the markdown
+    shows them beside the prompts each AUC is defined on, and how each control picked its peers."""
+    records = [record(f"p{p}", ok, -1.0, -0.5 if ok else -2.0) for p in range(3) for ok in (True, False)]
+    for r in records:
+        r["teacher"]["2S1F"] = r["teacher"]["good"]
+        r["teacher"]["unrelated_prompt"] = None if r["prompt"] == "p0" else r["teacher"]["bad"]
+    summary = summarize(records, ["2S1F", "unrelated_prompt"], samples=50)
+    assert summary["variants"]["unrelated_prompt"]["left_out_of_2S1F"] == 2
+    assert summary["variants"]["2S1F"]["left_out_of_2S1F"] == 0
+    meta = {"peer_context": {"control_match": "token"}, "variant_peers": {"2S1F": {}, "unrelated_prompt": {
+        "context": "unrelated_prompt"}}}
+    table = markdown_report(summary, "t", meta)
+    assert "| unrelated_prompt | token | 4 | 2 | 2 |" in table and "| 2S1F | - | 6 | 0 | 3 |" in table
+    assert "variant_peers" not in table  # recorded in the json, shown as the table
+
+
 def test_variants_are_the_paper_mixes_and_controls():
     base = PeerConfig(n_success=2, n_failure=1, failure_when="when_no_success", max_peer_tokens=99)
     assert (variant_peers(base, "1S1F").n_success, variant_peers(base, "1S1F").n_failure) == (1, 1)
@@ -132,6 +149,35 @@ def test_variants_are_the_paper_mixes_and_controls():
         "none", "always")
     with pytest.raises(ValueError, match="3S"):
         variant_peers(base, "3S")
+    for match in ("block", "token"):  # the run's model.peers.control_match decides how the controls pick
+        assert variant_peers(PeerConfig(control_match=match), "random_peer").control_match == match
+    with_feedback = PeerConfig(include_feedback=True)  # kept where the labels are the verifier's, dropped elsewhere
+    assert variant_peers(with_feedback, "2S1F").include_feedback
+    assert not variant_peers(with_feedback, "random_peer").include_feedback
+    assert not variant_peers(with_feedback, "swapped_labels").include_feedback
+
+
+def test_each_variant_records_what_it_showed_and_reports_join_only_when_it_agrees(tmp_path):
+    """The settings each variant used are recorded apart (a 2S1F report sets summary_k to 0 whatever the run asked),
+    so reports whose summaries context showed 1 and 7 summaries refuse to join."""
+    from types import SimpleNamespace
+
+    from mopd_lightning.analysis import resummarize, score_settings
+
+    def module(summary_k):
+        return SimpleNamespace(peers=PeerConfig(summaries="all", summary_k=summary_k), teacher_config=None,
+                               roles=SimpleNamespace(teacher_kind="ema"), student_name="tiny", dtype_name="float32",
+                               sampling=SimpleNamespace(group_size=4, temperature=1.0, top_p=1.0, top_k=0,
+                                                        max_new_tokens=8), verifier=SimpleNamespace(strict=True))
+
+    settings = {k: score_settings(module(k), ["2S1F", "1S+summaries"]) for k in (1, 7)}
+    assert settings[7]["variant_peers"]["2S1F"]["summary_k"] == 0
+    assert settings[7]["peer_context"]["summary_k"] == 7 and settings[1]["peer_context"]["summary_k"] == 1
+    rows = [record("p0", True, -1.0, -0.5), record("p0", False, -1.0, -2.0)]
+    a = _write(tmp_path / "a", rows, ["good"], **settings[1])
+    b = _write(tmp_path / "b", [dict(r, prompt="p1") for r in rows], ["good"], **settings[7])
+    with pytest.raises(ValueError, match="summary_k"):
+        resummarize([a, b])
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -196,7 +242,7 @@ def test_a_written_report_is_resummarized_from_its_records(tmp_path):
     assert saved["summary"] == summarize(records, ["good", "bad"], samples=50)
     assert saved["records"] == records and saved["meta"]["student"] == "tiny"
     table = (new / "analysis.md").read_text()
-    assert table.count("| good |") == 2 and "top-1 hit" in table  # one row in each of the two tables
+    assert table.count("| good |") == 3 and "top-1 hit" in table  # one row in each of the three tables
 
 
 def test_the_students_own_confidence_is_the_bar_a_context_must_clear():

@@ -201,10 +201,10 @@ def test_analyze_writes_json_markdown_and_plot(tiny_model, tmp_path):
     assert report["summary"]["prompts"] == 4 and len(report["records"]) == report["summary"]["rollouts"] > 0
     assert (tmp_path / "report" / "analysis.png").stat().st_size > 0
     table = (tmp_path / "report" / "analysis.md").read_text()
-    # one row in each table: separation, use of the labels (not the label-blind control itself), the answer span
-    # (when some rollout of random text read as an answer) and gap
+    # one row in each table: separation, coverage, use of the labels (not the label-blind control itself), the
+    # answer span (when some rollout of random text read as an answer) and gap
     parts = "**Where does the signal sit?**" in table
-    for name, tables in (("none", 3 + parts), ("1S1F", 3 + parts), ("swapped_labels", 2 + parts)):
+    for name, tables in (("none", 4 + parts), ("1S1F", 4 + parts), ("swapped_labels", 3 + parts)):
         assert table.count(f"| {name} |") == tables and result.stdout.count(f"| {name} |") == tables
     assert "| 2S1F |" not in table and report["meta"]["prompts"] == "embedded (num_val 4)"
     meta = report["meta"]  # every setting that changes a score

@@ -80,7 +80,7 @@ def test_random_peer_ignores_labels_in_choosing_and_in_showing():
     assert abs(shown_correct - sum(told[False]) / len(told[False])) < 0.1  # ... as often as among those shown not
 
 
-def test_unrelated_prompt_takes_successes_from_other_prompts():
+def test_unrelated_prompt_shows_the_mix_from_other_prompts_truly_labelled():
     config = PeerConfig(n_success=2, n_failure=1, context="unrelated_prompt")
     peers = choose_peers(GROUPS, SUCCESS, config, ["a", "b", "c"])
     for i, chosen in enumerate(peers):
@@ -88,7 +88,7 @@ def test_unrelated_prompt_takes_successes_from_other_prompts():
         shown_failure = [p.rollout for p in chosen if not p.shown_success]
         assert all(SUCCESS[j] and j not in GROUPS[i // 4] for j in shown_success)
         assert len(shown_success) == min(2, sum(SUCCESS[j] for g in GROUPS if i not in g for j in g))
-        assert all(not SUCCESS[j] and j in GROUPS[i // 4] and j != i for j in shown_failure)
+        assert len(shown_failure) == 1 and all(not SUCCESS[j] and j not in GROUPS[i // 4] for j in shown_failure)
     assert len({p.rollout for p in peers[8] if p.shown_success} & {0, 4, 5}) == 2  # group 2 sees other prompts' wins
 
 
@@ -112,10 +112,11 @@ def test_success_only_matched_fills_failure_slots_with_successes():
 @pytest.mark.parametrize("context", ["random_peer", "swapped_labels", "success_only_matched", "unrelated_prompt"])
 def test_a_length_matched_control_fills_each_slot_with_the_closest_length(context):
     """``control_match: token``: slot by slot as the 2S1F context drawn from the same seed, the control's candidate
-    closest in length to the peer 2S1F shows there; block mode draws at random."""
-    success = [True, True, True, False, False, False, True, True, True]
+    closest in length to the peer 2S1F shows there, from a source with the slot's label; random_peer's labels are
+    shuffled over the peers it took."""
+    success = [True, True, True, False, False, False, True, True, False]
     lengths = [10, 50, 90, 12, 48, 95, 30, 52, 88]
-    groups = [[0, 1, 2, 3, 4, 5], [6, 7, 8]]  # enough candidates that no slot goes empty before the last
+    groups = [[0, 1, 2, 3, 4, 5], [6, 7, 8]]  # enough candidates that no slot goes empty
     real_config = PeerConfig(n_success=2, n_failure=1)
     matched_config = PeerConfig(n_success=2, n_failure=1, context=context, control_match="token")
     for seed in range(30):
@@ -123,8 +124,10 @@ def test_a_length_matched_control_fills_each_slot_with_the_closest_length(contex
         real = choose_peers(groups, success, real_config, keys, lengths)
         control = choose_peers(groups, success, matched_config, keys, lengths)
         for i in groups[0]:
-            assert len(control[i]) <= len(real[i]) and i not in [p.rollout for p in control[i]]
-            for shown, slot in zip(control[i], real[i]):
+            assert i not in [p.rollout for p in control[i]]
+            assert len(control[i]) <= len(real[i]) and (len(control[i]) == len(real[i]) or context not in (
+                "random_peer", "unrelated_prompt"))  # those never run out of candidates here
+            for k, (shown, slot) in enumerate(zip(control[i], real[i])):
                 if context == "random_peer":
                     pool = [j for j in groups[0] if j != i]
                 elif context == "swapped_labels":
@@ -132,11 +135,25 @@ def test_a_length_matched_control_fills_each_slot_with_the_closest_length(contex
                 elif context == "success_only_matched":
                     pool = [j for j in groups[0] if j != i and success[j]]
                 else:
-                    pool = groups[1] if slot.shown_success else [j for j in groups[0] if j != i and not success[j]]
-                closest = min(abs(lengths[j] - lengths[slot.rollout]) for j in pool if j not in
-                              [p.rollout for p in control[i][:control[i].index(shown)]])
+                    pool = [j for j in groups[1] if success[j] == slot.shown_success]
+                taken = [p.rollout for p in control[i][:k]]
+                closest = min(abs(lengths[j] - lengths[slot.rollout]) for j in pool if j not in taken)
                 assert abs(lengths[shown.rollout] - lengths[slot.rollout]) == closest, (seed, i)
-                assert shown.shown_success == (slot.shown_success or context == "success_only_matched")
+                if context != "random_peer":
+                    assert shown.shown_success == (slot.shown_success or context == "success_only_matched")
+            if context == "random_peer":  # the method's own peers, under the slots' labels in random order
+                assert [p.rollout for p in control[i]] == [p.rollout for p in real[i]]
+                assert sorted(p.shown_success for p in control[i]) == sorted(p.shown_success for p in real[i])
+
+
+def test_a_length_matched_swapped_control_covers_a_lone_success():
+    """A lone success's 2S1F context shows failures only; swapped_labels has no success to show as a failure there,
+    so it shows those failures as successes rather than nothing (as block mode does)."""
+    success, lengths = [True, False, False, False], [5, 9, 7, 6]
+    config = PeerConfig(n_success=2, n_failure=1, context="swapped_labels", control_match="token")
+    for seed in range(20):
+        lone = choose_peers([[0, 1, 2, 3]], success, config, [f"s{seed}"], lengths)[0]
+        assert len(lone) == 1 and lone[0].shown_success and not success[lone[0].rollout]
 
 
 def test_length_matching_moves_a_random_control_towards_the_real_contexts_length():
@@ -242,8 +259,7 @@ def test_own_feedback_joins_the_context_token_for_token(tokenizer):
     gated = build_teacher_contexts([example], rollouts, tokenizer,
                                    PeerConfig(n_success=0, n_failure=1, require_success=True, self_feedback="always"),
                                    "k")
-    assert gated[1].active and not gated[1].peers and gated[1].prompt_ids == chat(tokenizer, "Q\n\n---\n" + own
-                                                                                  + CLOSING)
+    assert not gated[1].active and not gated[1].prompt_ids  # require_success: no success shown, not even feedback
     assert not gated[0].active  # no success peer and no feedback: no signal
 
 
@@ -332,21 +348,49 @@ def test_bad_peer_config_names_the_field(field, kwargs):
         PeerConfig(**kwargs)
 
 
-def test_require_success_masks_failure_only_contexts():
+def contexts_of(tokenizer, success, config, feedback=None):
+    """The teacher contexts of one group whose rollouts succeed as ``success``."""
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(f"answer {k}") for k in range(len(success))],
+                           [float(s) for s in success], feedback)
+    return build_teacher_contexts([example], rollouts, tokenizer, config, "k")
+
+
+def whole(contexts):
+    return [([p.rollout for p in c.peers if p.shown_success], [p.rollout for p in c.peers if not p.shown_success])
+            for c in contexts]
+
+
+def test_require_success_masks_failure_only_contexts(tokenizer):
     config = PeerConfig(n_success=2, n_failure=1, require_success=True)
-    choices = pick([True, False, False, False], config)
-    assert choices[0] == ([], [])  # only failures to show: no context
-    assert all(s == [0] and len(f) == 1 for s, f in choices[1:])
-    assert pick([False] * 4, PeerConfig(n_success=0, n_failure=1, require_success=True)) == [([], [])] * 4
+    contexts = contexts_of(tokenizer, [True, False, False, False], config)
+    assert whole(contexts)[0] == ([], []) and not contexts[0].active  # only failures to show: no context
+    assert all(s == [0] and len(f) == 1 for s, f in whole(contexts)[1:])
+    gated = contexts_of(tokenizer, [False] * 4, PeerConfig(n_success=0, n_failure=1, require_success=True))
+    assert not any(c.active for c in gated)
+
+
+@pytest.mark.parametrize("summaries", ["all", "failure"])
+@pytest.mark.parametrize("self_feedback", ["never", "always", "without_success"])
+def test_require_success_holds_for_summaries_and_own_feedback(tokenizer, summaries, self_feedback):
+    """No success shown, whole or by its summary: no context at all, never one of failure summaries or of the
+    rollout's own feedback alone."""
+    config = PeerConfig(n_success=1, n_failure=1, require_success=True, summaries=summaries, summary_k=2,
+                        self_feedback=self_feedback)
+    failed = contexts_of(tokenizer, [False] * 4, config, ["The answer B is incorrect."] * 4)
+    assert not any(c.active or c.summarized or c.peers for c in failed)
+    mixed = contexts_of(tokenizer, [True, False, False, False], config, [None] + ["The answer B is incorrect."] * 3)
+    assert not mixed[0].active  # the lone success: failures only, whole and summarised
+    assert all(c.active and any(p.shown_success for p in c.peers + c.summarized) for c in mixed[1:])
 
 
 # -- the reference's peer options ---------------------------------------------------------------------------------
-def test_a_success_is_its_own_demonstration_only_when_reprompting_on_self_success():
+def test_a_success_is_its_own_demonstration_only_when_reprompting_on_self_success(tokenizer):
     success = [True, False, False, False]
     config = PeerConfig(n_success=1, n_failure=1, require_success=True)
-    assert pick(success, config)[0] == ([], [])  # default: the lone success has no success to be shown
-    reprompted = pick(success, PeerConfig(n_success=1, n_failure=1, require_success=True,
-                                          dont_reprompt_on_self_success=False))
+    assert whole(contexts_of(tokenizer, success, config))[0] == ([], [])  # the lone success has no success to be shown
+    reprompted = whole(contexts_of(tokenizer, success, PeerConfig(n_success=1, n_failure=1, require_success=True,
+                                                           dont_reprompt_on_self_success=False)))
     assert reprompted[0][0] == [0] and len(reprompted[0][1]) == 1  # its own answer, as the reference allows
     assert all(s == [0] for s, _ in reprompted[1:])  # failures are never shown themselves
     config = PeerConfig(n_success=1, n_failure=0, dont_reprompt_on_self_success=False)
