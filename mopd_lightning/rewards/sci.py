@@ -13,8 +13,9 @@ choice (``"B"``, ``"Yes."``, as SciKnowEval's own prompts ask), states one ("the
 ``\boxed{B}``, as the 0.5B coder writes) or starts a line with an option label (``"B. 120 N"``), as small models
 often answer; a 135M model's "successes" are then mostly such guesses. The options restated line by line are not an
 answer (a listing with no statement after it names none), and a response that names more than one choice ("C.
-Quarel\nAnswer: D", a tag holding "A or B") is not read as any, in either mode: it would show the teacher a peer
-labelled correct that is not.
+Quarel\nAnswer: D", a tag holding "A or B", a hedge such as "the answer is A or B", "Answer: A/B", ``\boxed{A, C}``)
+is not read as any, in either mode: a two-letter hedge would succeed half the time and show the teacher a peer
+labelled correct that is not. A stated letter is a capital one ("the answer is a compound" names no choice).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any, Dict, Optional, Tuple
 from .base import Score
 
 _LEADING_CHOICE = re.compile(r"^\(?([A-Za-z]|true|false|yes|no)\b\)?", re.IGNORECASE)
-_CHOICE = r"\(?([A-J]|true|false|yes|no)\b\)?"
-_STATED = re.compile(r"(?:answer is|answer\s*:|\\boxed\{)\s*:?\s*" + _CHOICE, re.IGNORECASE)  # "the answer is B",
-# "Answer: C", \boxed{C}
+_CHOICE = r"\(?([A-J]|(?i:true|false|yes|no))\b\)?"  # a capital letter: "the answer is a compound" names none
+_STATED = re.compile(r"(?i:answer is|answer\s*:|\\boxed\{)\s*:?\s*" + _CHOICE)  # "the answer is B", "Answer: C",
+# \boxed{C}
+_ALTERNATIVE = re.compile(r"\s*(?:,|/|&|(?i:or|and)\b)\s*" + _CHOICE)  # "... A or B", "A, C or D", "(A) or (B)", "A/B"
 _LABELLED_LINE = re.compile(r"^[ \t*]*\(?([A-J])[.):][ \t]", re.MULTILINE)  # "B. 120 N" at the start of a line
 _LISTED = re.compile(r"^\(?([A-J])\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?([A-J])\b", re.IGNORECASE)  # "A or B"
 _TRUTH = {"TRUE": "TRUE", "YES": "TRUE", "FALSE": "FALSE", "NO": "FALSE"}
@@ -78,7 +80,10 @@ def _untagged(response: str) -> Tuple[Optional[str], Optional[Tuple[int, int]]]:
     labelled = [(m.start(1), m.end(1), m.group(1)) for m in _LABELLED_LINE.finditer(response)]
     if len({choice for _, _, choice in labelled}) > 1:
         labelled = []
-    found = sorted([(m.start(1), m.end(1), _canonical(m.group(1))) for m in _STATED.finditer(response)] + labelled)
+    stated = list(_STATED.finditer(response))
+    if any(_ALTERNATIVE.match(response, m.end()) for m in stated):  # a hedge: "the answer is A or B"
+        return None, None
+    found = sorted([(m.start(1), m.end(1), _canonical(m.group(1))) for m in stated] + labelled)
     if len({choice for _, _, choice in found}) != 1:
         return None, None
     start, end, choice = found[-1]

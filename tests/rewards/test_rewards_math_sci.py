@@ -118,11 +118,35 @@ SKE = {"choices": {"text": ["True", "False"], "label": ["A", "B"]}, "answerKey":
         ("<answer>A or B</answer>", "A", 0.0, 0.0),
         ("<answer>B, C</answer>", "B", 0.0, 0.0),
         ("<answer>B. 120 N</answer>", "B", 1.0, 1.0),  # an option's text after its label is not a second choice
+        # A hedge names several choices, stated or boxed: a two-letter one would succeed half the time.
+        ("The answer is A or B.", "A", 0.0, 0.0),
+        ("Answer: (A) or (B)", "A", 0.0, 0.0),
+        ("\\boxed{A or B}", "A", 0.0, 0.0),
+        ("The answer is A, C or D", "A", 0.0, 0.0),
+        ("Answer: A/B", "A", 0.0, 0.0),
+        ("So the answer is yes or no.", "Yes", 0.0, 0.0),
+        ("The answer is A, because F = ma.", "A", 0.0, 1.0),  # a comma before prose is no second choice
+        ("The answer is a compound of two atoms.", "A", 0.0, 0.0),  # an article, not the option
     ],
 )
 def test_sci(response, ground_truth, strict, lenient):
     assert get_verifier("sci")(response, ground_truth).reward == strict
     assert get_verifier("sci", strict=False)(response, ground_truth).reward == lenient
+
+
+def test_no_hedge_is_a_success_in_either_mode():
+    """Every way of stating two or three choices at once, each with either choice the right one: never a success,
+    so a hedge cannot succeed half the time (a statement of one choice, the control, always does)."""
+    import itertools
+
+    verifiers = [get_verifier("sci"), get_verifier("sci", strict=False)]
+    forms = ["The answer is {}.", "Answer: {}", "\\boxed{{{}}}", "<answer>{}</answer>", "So the answer is: {}"]
+    lists = ["{0} or {1}", "({0}) or ({1})", "{0}/{1}", "{0}, {1}", "{0} and {1}", "{0} & {1}", "{0}, {1} or {2}"]
+    for form, listed, (a, b, c) in itertools.product(forms, lists, [("A", "B", "C"), ("D", "A", "B")]):
+        response = form.format(listed.format(a, b, c))
+        for truth in (a, b, c):
+            assert all(v(response, truth).reward == 0.0 for v in verifiers), (response, truth)
+        assert verifiers[1](form.format(a), a).reward == 1.0, form  # the same form with one choice is read
 
 
 def test_sci_on_sciknoweval_types(sciknoweval_dir):
