@@ -26,8 +26,8 @@ _TOKEN = re.compile(r"[^\s$]+")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?")
 
 
-def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` (nested braces balanced) or ``\\boxed x``; None if absent."""
+def _last_boxed_span(text: str) -> Optional[Tuple[int, int]]:
+    """Where the content of the last ``\\boxed{...}`` (nested braces balanced) or ``\\boxed x`` stands."""
     boxes = list(_BOX.finditer(text))
     if not boxes:
         return None
@@ -43,38 +43,55 @@ def last_boxed(text: str) -> Optional[str]:
             i += 1
         if i < len(text) and text[i] == "{":
             if i in closing:
-                return text[i + 1 : closing[i]]
+                return i + 1, closing[i]
             continue  # unbalanced: the generation was cut off inside this box
         token = _TOKEN.match(text, i) if i > box.end() else None
         if token:
-            return token.group(0)
+            return token.span()
     return None
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` (nested braces balanced) or ``\\boxed x``; None if absent."""
+    span = _last_boxed_span(text)
+    return text[span[0]:span[1]] if span else None
+
+
+def _located_answer(response: str, strict: bool) -> Optional[Tuple[str, int]]:
+    """The final answer and where it starts: the last box's content; lenient, else the rest of the line after the
+    last "answer is", else the last number."""
+    found = None
+    span = _last_boxed_span(response)
+    if span is not None:
+        found = response[span[0]:span[1]], span[0]
+    if found is None and not strict:
+        matches = list(_ANSWER_IS.finditer(response))
+        if matches:
+            line = response[matches[-1].end():].split("\n", 1)[0]
+            line = line.strip().rstrip(".").strip().strip("*").strip()
+            found = (line, matches[-1].end()) if line else None
+    if found is None and not strict:
+        numbers = list(_NUMBER.finditer(response))
+        if numbers:
+            found = numbers[-1].group(0), numbers[-1].start()
+    if found is None:
+        return None
+    answer = found[0].strip().strip("$").strip()[:_MAX_ANSWER_CHARS]
+    return (answer, found[1] + response[found[1]:].find(answer)) if answer else None
 
 
 def extract_answer(response: str, strict: bool = True) -> Optional[str]:
     """The final answer written in ``response``, as text; None when there is none (strict: no ``\\boxed``)."""
-    answer = last_boxed(response)
-    if answer is None and not strict:
-        matches = list(_ANSWER_IS.finditer(response))
-        if matches:
-            answer = response[matches[-1].end() :].split("\n", 1)[0]
-            answer = answer.strip().rstrip(".").strip().strip("*").strip() or None
-    if answer is None and not strict:
-        numbers = _NUMBER.findall(response)
-        if numbers:
-            answer = numbers[-1]
-    if answer is None:
-        return None
-    answer = answer.strip().strip("$").strip()
-    return answer[:_MAX_ANSWER_CHARS] or None
+    located = _located_answer(response, strict)
+    return located[0] if located else None
 
 
 def answer_span(response: str, strict: bool = True) -> Optional[Tuple[int, int]]:
-    """Where the final answer stands in ``response`` (character offsets of its last occurrence), for the analysis's
-    answer-span score; None where there is none."""
-    answer = extract_answer(response, strict)
-    start = response.rfind(answer) if answer else -1
-    return (start, start + len(answer)) if start >= 0 else None
+    """Where the verifier read the final answer in ``response`` (character offsets: inside the last box, not a later
+    mention of the same text), for the analysis's answer-span score and the answer-span loss; None where there is
+    none."""
+    located = _located_answer(response, strict)
+    return (located[1], located[1] + len(located[0])) if located else None
 
 
 def _parse(text: str):

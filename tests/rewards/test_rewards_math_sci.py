@@ -192,6 +192,25 @@ def test_math_answer_span_is_the_final_answer(response, strict, span):
     assert (response[found[0]:found[1]] if found else None) == span
 
 
+@pytest.mark.parametrize("response", [
+    "So 3 + 4 = \\boxed{7}. <summary>Add them to get 7.</summary>",
+    "\\boxed{12}. So 12 apples remain.",
+    "We get \\boxed{x = 2}, i.e. x = 2.",
+    "\\boxed{\\frac{1}{2}} and \\frac{1}{2} is the share.",
+    "First \\boxed{3}, then \\boxed{5}: 5 is final, not 3.",
+    "\\boxed 9 and 9 again",
+])
+def test_math_answer_span_is_inside_the_box_the_verifier_read(response):
+    """Not a later mention of the same text (a summary, a restatement): the span is the last box's content."""
+    from mopd_lightning.rewards.math import answer_span, extract_answer
+
+    start, end = answer_span(response)
+    box = response.rindex("\\boxed")
+    assert box < start and response[start:end] == extract_answer(response)
+    braced = response[box + len("\\boxed")] == "{"
+    assert response[end] == "}" if braced else response[box:start] == "\\boxed "  # the box's own content
+
+
 def test_code_answer_span_is_the_program():
     from mopd_lightning.rewards.code import answer_span
 
