@@ -4,8 +4,9 @@ part apart; ``model.loss.tokens: answer`` distils on the answer alone."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from .config import ConfigError
 from .data.example import Example
 from .rewards.registry import ANSWER_SPANS
 from .rollouts import Rollouts
@@ -26,6 +27,16 @@ def response_parts(tokenizer, response_ids: Sequence[int], finished: bool,
         before = upto
     taken = set(answer) | set(end)
     return {"answer": answer, "rest": [k for k in range(len(response_ids)) if k not in taken], "end": end}
+
+
+def check_answer_spans(domains: Iterable[str]) -> None:
+    """``model.loss.tokens: answer`` distils on the answer span alone: a domain whose verifier names no span would
+    give every rollout an empty loss, and the run would train nothing without a word."""
+    missing = sorted(d for d in domains if d not in ANSWER_SPANS)
+    if missing:
+        raise ConfigError(f"model.loss.tokens: answer distils on the answer span, and the verifier of domain "
+                          f"{', '.join(missing)} names none (spans exist for {', '.join(sorted(ANSWER_SPANS))}); "
+                          "set model.loss.tokens: all, or add the domain to rewards.registry.ANSWER_SPANS")
 
 
 def rollout_parts(batch: Sequence[Example], rollouts: Rollouts, tokenizer, strict: bool,

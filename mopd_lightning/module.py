@@ -20,7 +20,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from .analysis import DEFAULT_VARIANTS, teacher_signal_records
-from .answers import rollout_parts
+from .answers import check_answer_spans, rollout_parts
 from .config import (ConfigError, DynamicSamplingConfig, GRPOConfig, LoRAConfig, LossConfig, OptimConfig, PeerConfig,
                      PreferenceConfig, SamplingConfig, TeacherConfig, VerifierConfig, VLLMConfig)
 from .data.example import Example
@@ -345,6 +345,7 @@ class MOPDModule(pl.LightningModule):
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
             if self.method.distils_answers_only:  # a rollout without an answer to distil on gets no signal
+                check_answer_spans({e.verifier for e in batch})
                 active = [r for r, context in enumerate(signal.contexts) if context.active]
                 parts = rollout_parts(batch, rollouts, self.tokenizer, self.verifier.strict, active)
                 signal.answer_positions = {r: parts[r]["answer"] for r in active}

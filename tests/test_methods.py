@@ -9,7 +9,7 @@ from test_step import examples, run, snapshot
 from torch.utils.data import DataLoader
 
 from mopd_lightning import MOPDModule
-from mopd_lightning.config import GRPOConfig, LossConfig, OptimConfig, SamplingConfig, TeacherConfig
+from mopd_lightning.config import ConfigError, GRPOConfig, LossConfig, OptimConfig, SamplingConfig, TeacherConfig
 from mopd_lightning.data.datamodule import PromptStream
 from mopd_lightning.objectives import (ClippedPolicyGradient, Distillation, MicroBatch, SuccessLikelihood,
                                        TrainingSignal, group_advantages)
@@ -163,6 +163,16 @@ def test_distillation_on_the_answer_trains_only_rollouts_with_one(tiny_model, mo
     trainer = run(module)
     assert torch.isfinite(trainer.logged_metrics["train/loss"])
     assert any(not torch.equal(before[k], v) for k, v in module.student.state_dict().items())
+
+
+def test_distillation_on_the_answer_refuses_a_domain_without_an_answer_span(tiny_model):
+    """A domain whose verifier names no answer span would train nothing, step after step: refused, by name."""
+    module = make(tiny_model, "mopd", loss=LossConfig(tokens="answer"))
+    batch = examples(2)  # the "parity" test domain, which has no span
+    rollouts = module.sample(batch, "train", 4, 1.0)
+    module.verify(batch, rollouts)
+    with pytest.raises(ConfigError, match="model.loss.tokens: .* domain parity names none"):
+        module.training_signal(batch, rollouts)
 
 
 def test_micro_batch_select_keeps_rows_and_their_tokens():

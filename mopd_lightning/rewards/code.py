@@ -43,18 +43,23 @@ _FUNCTIONAL_PRELUDE = (
 _FEEDBACK_FIELD = 120
 
 
+def _program(response: str) -> Tuple[str, int]:
+    """The last fenced Python (or unlabelled) code block, an unclosed final one included, else the whole text; and
+    where it starts."""
+    blocks = [b for b in fenced_blocks(response) if b.language in _PYTHON_LANGS]
+    return (blocks[-1].code, blocks[-1].start) if blocks else (response, 0)
+
+
 def extract_code(response: str) -> str:
     """The last fenced Python (or unlabelled) code block, an unclosed final one included; else the whole text."""
-    blocks = [b.code for b in fenced_blocks(response) if b.language in _PYTHON_LANGS]
-    return blocks[-1] if blocks else response
+    return _program(response)[0]
 
 
 def answer_span(response: str, strict: bool = True) -> Tuple[int, int]:
     """Where the program stands in ``response`` (its last code block, or all of it), for the analysis's
     answer-span score."""
-    code = extract_code(response)
-    start = max(response.rfind(code), 0)
-    return start, start + len(code)
+    code, start = _program(response)
+    return start, min(start + len(code), len(response))
 
 
 def _short(value: Any, limit: int = _FEEDBACK_FIELD) -> str:

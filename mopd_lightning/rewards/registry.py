@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Optional, Tuple
 
-from . import code, math, sci
+from . import code, math, sci, tool
 from .base import Verifier
 from .code import CodeVerifier
 from .math import verify_math, verify_math_lenient
@@ -26,10 +26,11 @@ VERIFIERS: Dict[str, Callable[[bool, str], Verifier]] = {
 
 
 ANSWER_SPANS: Dict[str, Callable[[str, bool], Optional[Tuple[int, int]]]] = {
-    "sci": sci.answer_span, "math": math.answer_span, "code": code.answer_span,
+    "sci": sci.answer_span, "math": math.answer_span, "code": code.answer_span, "tool": tool.answer_span,
 }
 """Where each verifier reads the answer in a response (character offsets, given ``strict``), for the analysis's
-answer-span score; a domain without an entry has its whole response scored as the rest."""
+answer-span score and ``model.loss.tokens: answer``; a domain without an entry has its whole response scored as the
+rest in the analysis, and is refused by the answer-span loss."""
 
 
 def get_verifier(name: str, strict: bool = True, sandbox: str = "auto") -> Verifier:

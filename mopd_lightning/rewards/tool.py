@@ -27,7 +27,7 @@ import ast
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from .base import Score
 from .markdown import fenced_blocks
@@ -154,9 +154,21 @@ def _balanced_end(text: str, start: int, budget: List[int]) -> Optional[int]:
     return None
 
 
-def _scan(text: str) -> List[Call]:
-    """Calls embedded in prose, left to right; a JSON value or a call, once read, is skipped as a whole."""
+Span = Optional[Tuple[int, int]]
+
+
+def _joined(first: Span, second: Span) -> Span:
+    """The smallest span covering both (either may be None)."""
+    if first is None or second is None:
+        return first or second
+    return min(first[0], second[0]), max(first[1], second[1])
+
+
+def _scan(text: str) -> Tuple[List[Call], Span]:
+    """Calls embedded in prose, left to right, and the span they cover; a JSON value or a call, once read, is
+    skipped as a whole."""
     calls: List[Call] = []
+    span: Span = None
     budget = [_SCAN_BUDGET]
     i, failed_json = 0, 0
     while i < len(text):
@@ -167,7 +179,9 @@ def _scan(text: str) -> List[Call]:
             except (ValueError, RecursionError):
                 failed_json += 1
             else:
-                calls += _calls_from_json(value) or []
+                found = _calls_from_json(value) or []
+                calls += found
+                span = _joined(span, (i, end)) if found else span
                 i = end
                 continue
         starts_call = ch == "[" or (
@@ -178,24 +192,34 @@ def _scan(text: str) -> List[Call]:
             found = _parse_python(text[i:end]) if end else None
             if found:
                 calls += found
+                span = _joined(span, (i, end))
                 i = end
                 continue
         i += 1
-    return calls
+    return calls, span
 
 
-def _parse_segment(text: str) -> List[Call]:
+def _shifted(span: Span, by: int) -> Span:
+    return (span[0] + by, span[1] + by) if span else None
+
+
+def _parse_segment(text: str) -> Tuple[List[Call], Span]:
     stripped = text.strip()
+    lead = len(text) - len(text.lstrip())
     try:
         whole = _calls_from_json(json.loads(stripped))
     except (ValueError, RecursionError):
         whole = None
-    return whole or _parse_python(stripped) or _scan(stripped)
+    whole = whole or _parse_python(stripped)
+    if whole:
+        return whole, (lead, lead + len(stripped))
+    calls, span = _scan(stripped)
+    return calls, _shifted(span, lead)
 
 
-def _parse_actions(text: str) -> List[Call]:
-    """ToolAlpaca's ``Action:`` / ``Action Input:`` pairs."""
-    calls = []
+def _parse_actions(text: str) -> Tuple[List[Call], Span]:
+    """ToolAlpaca's ``Action:`` / ``Action Input:`` pairs, and the span from the first action to the last input."""
+    calls, span = [], None
     for match in _ACTION.finditer(text):
         name = match.group(1).strip("`'\" ")
         rest = text[match.end():]
@@ -203,34 +227,55 @@ def _parse_actions(text: str) -> List[Call]:
         next_action = _ACTION.search(rest)
         if following is None or (next_action and next_action.start() < following.start()):
             calls.append(Call(name, {}))
+            span = _joined(span, match.span())
             continue
         raw = rest[following.end():].lstrip()
         raw = re.sub(r"^```\w*\s*", "", raw)
+        start = len(text) - len(raw)  # where the input's JSON starts
         try:
-            arguments, _ = _DECODER.raw_decode(raw)
+            arguments, end = _DECODER.raw_decode(raw)
         except (ValueError, RecursionError):
-            arguments = None
+            arguments, end = None, len(raw.split("\n", 1)[0])
         calls.append(Call(name, arguments if isinstance(arguments, dict) else None))
-    return calls
+        span = _joined(span, (match.start(), start + end))
+    return calls, span
+
+
+def read_calls(response: str) -> Tuple[List[Call], Span]:
+    """Every function call the response makes, in order (see the module docstring for the formats), and where
+    they were read: the span from the first to the last (the tool domain's answer span)."""
+    if not isinstance(response, str):
+        return [], None
+    text = response[:_MAX_SCAN_CHARS]
+    if _ACTION_INPUT.search(text):
+        calls, span = _parse_actions(text)
+        if calls:
+            return calls, span
+    tagged = list(_TOOL_CALL_TAG.finditer(text))
+    if tagged:
+        calls, span = [], None
+        for tag in tagged:
+            found, where = _parse_segment(tag.group(1))
+            calls += found
+            span = _joined(span, _shifted(where, tag.start(1)))
+        return calls, span
+    for block in reversed(fenced_blocks(text)):
+        calls, span = _parse_segment(block.code)
+        if calls:
+            return calls, _shifted(span, block.start)
+    return _parse_segment(text)
 
 
 def parse_calls(response: str) -> List[Call]:
     """Every function call the response makes, in order (see the module docstring for the formats)."""
-    if not isinstance(response, str):
-        return []
-    text = response[:_MAX_SCAN_CHARS]
-    if _ACTION_INPUT.search(text):
-        calls = _parse_actions(text)
-        if calls:
-            return calls
-    tagged = _TOOL_CALL_TAG.findall(text)
-    if tagged:
-        return [c for segment in tagged for c in _parse_segment(segment)]
-    for block in reversed(fenced_blocks(text)):
-        calls = _parse_segment(block.code)
-        if calls:
-            return calls
-    return _parse_segment(text)
+    return read_calls(response)[0]
+
+
+def answer_span(response: str, strict: bool = True) -> Span:
+    """Where the verifier read the calls in ``response`` (character offsets), for the answer-span score and loss;
+    None where it read none."""
+    calls, span = read_calls(response)
+    return span if calls else None
 
 
 # --------------------------------------------------------------------------------------------- matching

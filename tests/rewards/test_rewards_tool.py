@@ -121,6 +121,33 @@ def test_call_formats(response):
 
 
 @pytest.mark.parametrize(
+    "response, spans",
+    [
+        ('I will call both. [get_weather(city="paris"), get_time(zone="CET")] Done.',
+         '[get_weather(city="paris"), get_time(zone="CET")]'),
+        ('<tool_call>\n{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>\nand\n<tool_call>'
+         '{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call> ok',
+         '{"name": "get_time", "arguments": {"zone": "CET"}}\n</tool_call>\nand\n<tool_call>'
+         '{"name": "get_weather", "arguments": {"city": "Paris"}}'),
+        ("Thinking about {braces} first.\n```python\nget_weather(city='Paris')\nget_time(zone='CET')\n```\nBye",
+         "get_weather(city='Paris')\nget_time(zone='CET')"),
+        ('Calls: {"get_weather": {"city": "Paris"}} then {"get_time": {"zone": "CET"}}.',
+         '{"get_weather": {"city": "Paris"}} then {"get_time": {"zone": "CET"}}'),
+        ('Thought: weather\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: sunny',
+         'Action: get_weather\nAction Input: {"city": "Paris"}'),
+        ("Let me think about the weather.", None),
+    ],
+)
+def test_the_answer_span_is_where_the_calls_were_read(response, spans):
+    """The tool domain's answer span (``model.loss.tokens: answer``, the analysis's answer-span score): from the
+    first call read to the last, whatever format carried them; none without a call."""
+    from mopd_lightning.rewards.registry import ANSWER_SPANS
+
+    found = ANSWER_SPANS["tool"](response, True)
+    assert (response[found[0]:found[1]] if found else None) == spans
+
+
+@pytest.mark.parametrize(
     "response, fragment",
     [
         ("[get_weather(city='Paris')]", "expected 2"),
