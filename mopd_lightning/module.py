@@ -119,6 +119,13 @@ class MOPDModule(pl.LightningModule):
         self.sampling, self.dynamic_sampling, self.verifier = sampling, dynamic_sampling, verifier
         self.peers, self.teacher_config = self.method.peers, self.method.teacher  # as the method adapted them
         self.vllm_config = vllm
+        if (dynamic_sampling.enabled and self.peers.self_feedback == "without_success" and self.method.needs_teacher
+                and self.peers.context != "none" and self.peers.n_success >= 1 and not self.method.needs_advantages):
+            raise ConfigError("model.peers.self_feedback: without_success shows a rollout its own feedback only where "
+                              "its context shows no success, and model.dynamic_sampling.enabled keeps only groups with "
+                              f"a success and a failure for model.method {method}: every failure is shown a success, "
+                              "so no feedback would ever be shown. Use self_feedback: always, or turn dynamic "
+                              "sampling off")
         if vllm.importance_sampling != "none" and sampling.backend != "vllm":
             raise ConfigError(f"model.vllm.importance_sampling: {vllm.importance_sampling} corrects rollouts drawn by "
                               "the vLLM engine; with model.sampling.backend hf the rollouts are the trainer's own")

@@ -177,3 +177,42 @@ def test_a_dynamic_step_trains_on_mixed_groups_and_a_resumed_run_draws_the_same(
     resumed, _ = fit(tiny_model, 2, tmp_path / "first", ckpt_path=str(tmp_path / "first" / "last.ckpt"))
     for (name, a), b in zip(straight.student.state_dict().items(), resumed.student.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method", ["mopd", "opd", "teacher_opd", "grpo"])
+@pytest.mark.parametrize("self_feedback", ["never", "always", "without_success"])
+@pytest.mark.parametrize("enabled", [False, True])
+@pytest.mark.parametrize("blend", [0.0, 0.5])
+def test_own_feedback_where_no_success_is_shown_is_refused_where_dynamic_sampling_leaves_no_such_context(
+        method, self_feedback, enabled, blend):
+    """Dynamic sampling keeps a distillation method's groups only when they hold a success and a failure, so every
+    failure is shown a success and ``self_feedback: without_success`` would never show anything: refused there, by
+    both names. With a GRPO blend (graded rewards keep groups without a success), or teacher_opd's plain prompt, it
+    still shows feedback."""
+    kwargs = dict(student="unused", method=method, peers=PeerConfig(self_feedback=self_feedback),
+                  dynamic_sampling=DynamicSamplingConfig(enabled=enabled), grpo=GRPOConfig(weight=blend))
+    refused = (enabled and self_feedback == "without_success" and method in ("mopd", "opd") and blend == 0.0)
+    if refused:
+        with pytest.raises(ConfigError, match="model.peers.self_feedback: without_success .*"
+                                              "model.dynamic_sampling.enabled"):
+            MOPDModule(**kwargs)
+    else:
+        MOPDModule(**kwargs)
+
+
+def test_in_a_group_with_both_outcomes_no_context_shows_feedback_where_no_success_is_shown(tiny_model):
+    """Why the combination above does nothing: a failure of such a group is always shown a success, and a success has
+    no feedback to show."""
+    from transformers import AutoTokenizer
+
+    from mopd_lightning.peers import build_teacher_contexts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    for successes in range(1, 4):
+        success = [k < successes for k in range(4)]
+        rollouts = Rollouts([0] * 4, [[5]] * 4, [tokenizer.encode(f"answer {k}") for k in range(4)],
+                            [f"answer {k}" for k in range(4)], [True] * 4)
+        rollouts.record_scores([Score(float(ok), None if ok else "The answer B is incorrect.") for ok in success], 0.5)
+        contexts = build_teacher_contexts([Example("q", [{"role": "user", "content": "Q"}], "A", "sci")], rollouts,
+                                          tokenizer, PeerConfig(self_feedback="without_success"), "k")
+        assert not any("your own earlier attempt" in tokenizer.decode(c.prompt_ids) for c in contexts)
