@@ -168,8 +168,8 @@ def test_the_side_by_side_leaves_a_report_with_too_few_mixed_prompts_undecided(t
     # the answer-span rows: read where the report has them, n/a where it was recorded before them
     assert columns["analysis_code_qwen"]["2S1F AUC, answer span only"] == "n/a"
     control = columns["analysis_peer_control_demo"]
-    assert control["2S1F AUC, answer span only"] == "0.65 [0.52, 0.78]"
-    assert control["2S1F answer span - random_peer (paired)"] == "+0.17 [+0.07, +0.28]"
+    assert control["2S1F AUC, answer span only"] == "0.68 [0.57, 0.79]"
+    assert control["2S1F answer span - random_peer (paired)"] == "+0.14 [+0.06, +0.22]"
     assert control["setting"].startswith("`demo`, facts")
 
 
