@@ -74,11 +74,11 @@ def test_qwen_coder_system_turn_is_the_same_for_student_and_teacher():
 def test_the_analysis_says_yes_on_the_positive_control():
     """On questions whose answer only the group's successes know (configs/peer_control.yaml), the demo model's teacher
     shown a success moves toward its answer, on the answer span. The full run (48 prompts x 8,
-    benchmarks/results/analysis_peer_control_demo.md) gives 1S 0.97 [0.92, 1.00] and 2S1F 0.65 [0.52, 0.78] on the
-    answer span, 2S1F +0.17 [+0.07, +0.28] over random_peer, while the whole response says 0.50. These are its first
-    16 prompts in the same batches of 8, so the same rollouts (each a function of the seed and the prompt): there 1S
-    reaches 1.00 on 5 prompts, 2S1F 0.69 on the answer span against 0.62 on the whole response, +0.15 over
-    random_peer; the bounds leave room for float noise, not for a lost signal."""
+    benchmarks/results/analysis_peer_control_demo.md, rerun on 2026-12-07) gives 1S 0.96 [0.92, 1.00] and 2S1F 0.68
+    [0.57, 0.79] on the answer span, 2S1F +0.14 [+0.06, +0.22] over the block-mode random_peer, while the whole
+    response says 0.50. These are its first 16 prompts in the same batches of 8, so the same rollouts (each a function
+    of the seed and the prompt): there 1S reaches 0.97 on 8 prompts, 2S1F 0.81 on the answer span against 0.49 on the
+    whole response, +0.09 over random_peer; the bounds leave room for float noise, not for a lost signal."""
     from mopd_lightning.analysis import summarize, teacher_signal_records
     from mopd_lightning.config import VerifierConfig
 
