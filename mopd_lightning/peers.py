@@ -1,8 +1,8 @@
 """Peer contexts: which other rollouts each rollout's teacher sees, and the teacher prompt they make.
 
 Leave-one-out: rollout ``i`` never sees itself (unless ``dont_reprompt_on_self_success`` is off, which lets a
-success be its own success peer in the method's context and in ``success_only_matched``). Peers are drawn uniformly without replacement from a
-generator seeded per rollout (seed, step, prompt id, rollout index), so the same seed gives the same contexts
+success be its own success peer in the method's context and in ``success_only_matched``). Peers are drawn uniformly
+without replacement from a generator seeded per rollout (seed, step, prompt id, rollout index), so the same seed gives the same contexts
 on any rank. Only peers are ever truncated (in the middle, with a visible marker): the question, the closing
 instruction and the rollout's own response always reach the teacher whole.
 
@@ -76,12 +76,10 @@ def _sources(config: PeerConfig, others: List[int], success: Sequence[bool], els
         return [_Source(None, others, config.n_success + config.n_failure)]
     if config.context == "success_only_matched":
         return [_Source(True, [j for j in others if success[j]] + own, config.n_success + config.n_failure)]
-    if config.context == "unrelated_prompt":  # a mix of the other prompts' rollouts, labelled truly
-        pool = elsewhere
-    else:
-        pool = others
+    unrelated = config.context == "unrelated_prompt"  # a mix of the other prompts' rollouts, labelled truly
+    pool = elsewhere if unrelated else others
     flipped = config.context == "swapped_labels"  # shown as successes: true failures only, never the rollout itself
-    successes = [j for j in pool if success[j] != flipped] + ([] if flipped or pool is elsewhere else own)
+    successes = [j for j in pool if success[j] != flipped] + ([] if flipped or unrelated else own)
     failures = [j for j in pool if success[j] == flipped]
     sources = [_Source(True, successes, config.n_success)]
     if config.failure_when == "always" or not successes:
