@@ -29,9 +29,10 @@ _LEADING_CHOICE = re.compile(r"^\(?([A-Za-z]|true|false|yes|no)\b\)?", re.IGNORE
 _CHOICE = r"\(?([A-J]|(?i:true|false|yes|no))\b\)?"  # a capital letter: "the answer is a compound" names none
 _STATED = re.compile(r"(?i:answer is|answer\s*:|\\boxed\{)\s*:?\s*" + _CHOICE)  # "the answer is B", "Answer: C",
 # \boxed{C}
-_ALTERNATIVE = re.compile(r"\s*(?:,|/|&|(?i:or|and)\b)\s*" + _CHOICE)  # "... A or B", "A, C or D", "(A) or (B)", "A/B"
+_SEPARATOR = r"\s*(?:,|/|&|(?i:\bor|\band)\b)\s*"  # between two choices named at once
+_ALTERNATIVE = re.compile(_SEPARATOR + _CHOICE)  # "... A or B", "A, C or D", "(A) or (B)", "A/B"
 _LABELLED_LINE = re.compile(r"^[ \t*]*\(?([A-J])[.):][ \t]", re.MULTILINE)  # "B. 120 N" at the start of a line
-_LISTED = re.compile(r"^\(?([A-J])\)?\s*(?:,|/|&|\bor\b|\band\b)\s*\(?([A-J])\b", re.IGNORECASE)  # "A or B"
+_LISTED = re.compile(r"^\(?([A-J])\)?" + _SEPARATOR + r"\(?([A-J])\b", re.IGNORECASE)  # "A or B" in a tag
 _TRUTH = {"TRUE": "TRUE", "YES": "TRUE", "FALSE": "FALSE", "NO": "FALSE"}
 
 
