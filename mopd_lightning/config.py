@@ -390,6 +390,8 @@ class LossConfig:
         alpha: 0 = forward KL(teacher || student), 1 = reverse KL(student || teacher), between = generalized
             Jensen-Shannon with mixture (1 - alpha) * student + alpha * teacher.
         temperature: divides student and teacher logits before the softmax.
+        teacher_temperature: null = ``temperature``; else divides the teacher's logits instead (below 1 sharpens
+            the target: a remedy for a teacher flatter than the student, the entropy blow-up of self-distillation).
         topk: null = full vocabulary; k = the student's top-k tokens (100 reproduces the reference code).
         tail: with ``topk``, add one bucket holding the rest of the probability mass.
         is_clip: cap of the importance weight exp(logp - logp_old) when rollouts are reused.
@@ -403,6 +405,7 @@ class LossConfig:
 
     alpha: float = 0.5
     temperature: float = 1.0
+    teacher_temperature: Optional[float] = None
     topk: Optional[int] = None
     tail: bool = True
     is_clip: float = 2.0
@@ -414,6 +417,8 @@ class LossConfig:
         _require(0 <= self.alpha <= 1, "model.loss.alpha", f"is {self.alpha}; must lie in [0, 1]")
         _require(self.tokens in ("all", "answer"), "model.loss.tokens", f"is {self.tokens!r}; expected all or answer")
         _require(self.temperature > 0, "model.loss.temperature", "must be positive")
+        _require(self.teacher_temperature is None or self.teacher_temperature > 0, "model.loss.teacher_temperature",
+                 "must be null or positive")
         _require(self.topk is None or self.topk >= 1, "model.loss.topk", "must be null or >= 1")
         _require(self.is_clip >= 1, "model.loss.is_clip", "must be >= 1")
         _require(self.backend in ("auto", "triton", "torch"), "model.loss.backend",

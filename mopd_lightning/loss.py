@@ -1,7 +1,8 @@
 """Token-level quantities from final hidden states: the distillation loss (on top of ``mopd_kernels``), the
 log-probabilities of the sampled tokens and the student's entropy.
 
-Per token, with S and T the student and teacher distributions (both logits divided by ``temperature``):
+Per token, with S and T the student and teacher distributions (both logits divided by ``temperature``, the
+teacher's by ``teacher_temperature`` when set):
 ``alpha = 0`` is forward KL(T || S), ``alpha = 1`` reverse KL(S || T), and in between the generalized
 Jensen-Shannon divergence ``(1 - alpha) KL(S || M) + alpha KL(T || M)`` with ``M = (1 - alpha) S + alpha T``.
 The module hands over final hidden states and output projections; with ``fused_linear`` the kernel applies
@@ -23,8 +24,8 @@ def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
                       teacher_weight: torch.Tensor, weights: torch.Tensor, config: LossConfig
                       ) -> torch.Tensor:
     """Sum over tokens of ``weights * divergence``."""
-    common = dict(alpha=config.alpha, temperature=config.temperature, weights=weights, reduction="sum",
-                  backend=config.backend)
+    common = dict(alpha=config.alpha, temperature=config.temperature, teacher_temperature=config.teacher_temperature,
+                  weights=weights, reduction="sum", backend=config.backend)
     if config.fused_linear and config.topk is None:
         return fused_linear_generalized_jsd(student_hidden, student_weight, teacher_hidden, teacher_weight, **common)
     # top-k needs the student's logits to pick its tokens

@@ -10,10 +10,10 @@ from mopd_lightning.config import LossConfig
 from mopd_lightning.loss import distillation_loss, entropy_and_logprobs, token_logprobs
 
 
-def reference(student_logits, teacher_logits, alpha, temperature=1.0, topk=None, tail=True):
+def reference(student_logits, teacher_logits, alpha, temperature=1.0, topk=None, tail=True, teacher_temperature=None):
     """Row by row, in float64 probabilities: KL(P||Q) = sum p log(p/q)."""
     s = torch.softmax(student_logits.double() / temperature, -1)
-    t = torch.softmax(teacher_logits.double() / temperature, -1)
+    t = torch.softmax(teacher_logits.double() / (teacher_temperature or temperature), -1)
     if topk is not None:
         idx = s.detach().topk(topk, -1).indices
         s_k, t_k = s.gather(-1, idx), t.gather(-1, idx)
@@ -43,17 +43,18 @@ def make_inputs(n=7, v=50, h=8, seed=0):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.25, 0.5, 1.0])
 @pytest.mark.parametrize("topk,tail,fused", [(None, True, True), (None, True, False), (5, True, True), (5, False, False)])
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_loss_matches_float64_reference(alpha, topk, tail, fused, temperature):
+@pytest.mark.parametrize("temperature,teacher_temperature", [(1.0, None), (2.0, None), (1.0, 0.5), (2.0, 0.7)])
+def test_loss_matches_float64_reference(alpha, topk, tail, fused, temperature, teacher_temperature):
     hidden, weight, teacher_hidden, teacher_weight = make_inputs()
     weights = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
-    config = LossConfig(alpha=alpha, temperature=temperature, topk=topk, tail=tail, fused_linear=fused, backend="torch")
+    config = LossConfig(alpha=alpha, temperature=temperature, teacher_temperature=teacher_temperature, topk=topk,
+                        tail=tail, fused_linear=fused, backend="torch")
     loss = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
     hidden64 = hidden.detach().double().requires_grad_()
     weight64 = weight.detach().double().requires_grad_()
     keep = weights.bool()
     per_token = reference(hidden64 @ weight64.T, (teacher_hidden @ teacher_weight.T).double(), alpha, temperature,
-                          topk, tail)
+                          topk, tail, teacher_temperature)
     expected = per_token[keep].sum()
     torch.testing.assert_close(loss.double(), expected.detach(), rtol=1e-4, atol=1e-6)
     loss.backward()

@@ -45,11 +45,14 @@ def interpreter_on() -> bool:
     return type(tl.zeros).__name__ == "InterpretedFunction"
 
 
-def check_args(alpha: float, temperature: float, reduction: str, backend: str) -> None:
+def check_args(alpha: float, temperature: float, reduction: str, backend: str,
+               teacher_temperature: float | None = None) -> None:
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if not float(temperature) > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if teacher_temperature is not None and not float(teacher_temperature) > 0.0:
+        raise ValueError(f"teacher_temperature must be > 0 or None, got {teacher_temperature}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
@@ -95,3 +98,13 @@ def rows_per_chunk(n_rows: int, bytes_per_row: int, budget: int | None = None) -
     if rows >= 16:
         rows -= rows % 8
     return max(1, min(rows, n_rows))
+
+
+def teacher_at_its_temperature(teacher: torch.Tensor, temperature: float,
+                               teacher_temperature: float | None) -> torch.Tensor:
+    """The teacher's logits (or hidden states: logits are linear in them) rescaled so that dividing by
+    ``temperature``, as every kernel does to both sides, divides them by ``teacher_temperature`` instead. Exact for
+    -inf; the teacher is a constant, so the student's gradient needs nothing else."""
+    if teacher_temperature is None or float(teacher_temperature) == float(temperature):
+        return teacher
+    return teacher * (float(temperature) / float(teacher_temperature))

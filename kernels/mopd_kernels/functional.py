@@ -6,7 +6,7 @@ from functools import partial
 
 import torch
 
-from ._common import check_args, resolve_backend
+from ._common import check_args, resolve_backend, teacher_at_its_temperature
 from .chunked_jsd import jsd_rows_torch
 from .fused_linear_jsd import FusedLinearGeneralizedJSDFunction, chunk_rows
 from .jsd import GeneralizedJSDFunction
@@ -24,6 +24,7 @@ def generalized_jsd(
     *,
     alpha: float = 0.5,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     topk: int | None = None,
     tail: bool = True,
     weights: torch.Tensor | None = None,
@@ -38,6 +39,8 @@ def generalized_jsd(
         alpha: 0 = forward KL(T||S), 1 = reverse KL(S||T), else (1-a) KL(S||M) + a KL(T||M), M = (1-a)S + aT
             (TRL GKD / Liger ``beta``).
         temperature: divides both logits before the softmax (the loss is not rescaled by temperature**2).
+        teacher_temperature: if set, divides the teacher's logits instead of ``temperature`` (below 1 sharpens
+            the teacher the student is pulled toward; the student stays at ``temperature``).
         topk: if set, the divergence is over the student's top-k entries (no gradient through the choice),
             plus one tail bucket with the remaining mass if ``tail`` else renormalised over the k entries.
             Computed with torch ops on every backend.
@@ -54,12 +57,12 @@ def generalized_jsd(
     the teacher is -inf (the student is renormalised over the teacher's support). 0<alpha<1 is always finite
     and exact. A row with no finite entry left contributes 0. The loss is float32 (float64 for float64).
     """
-    check_args(alpha, temperature, reduction, backend)
+    check_args(alpha, temperature, reduction, backend, teacher_temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} differ")
     lead, v = student_logits.shape[:-1], student_logits.shape[-1]
     student = student_logits.reshape(-1, v)
-    teacher = teacher_logits.detach().reshape(-1, v)
+    teacher = teacher_at_its_temperature(teacher_logits.detach().reshape(-1, v), temperature, teacher_temperature)
     if topk is not None:
         if int(topk) < 1:
             raise ValueError(f"topk must be >= 1, got {topk}")
@@ -79,6 +82,7 @@ def fused_linear_generalized_jsd(
     *,
     alpha: float = 0.5,
     temperature: float = 1.0,
+    teacher_temperature: float | None = None,
     weights: torch.Tensor | None = None,
     reduction: str = "mean",
     chunk_size: int | None = None,
@@ -92,17 +96,19 @@ def fused_linear_generalized_jsd(
         student_weight: (V, H) output projection, no bias; receives a gradient (accumulated in float32).
         teacher_hidden: (N, H'), teacher_weight: (V, H'); constants.
         chunk_size: tokens per chunk; default from a memory budget (~512 MiB of chunk logits and temporaries).
-        alpha, temperature, weights, reduction, backend: as in ``generalized_jsd`` (no top-k mode here).
+        alpha, temperature, teacher_temperature, weights, reduction, backend: as in ``generalized_jsd`` (no
+            top-k mode here).
 
     Gradients are computed during the forward pass for "sum"/"mean"; "none" recomputes the chunks in the
     backward pass instead (about 1.5x the time), since grad_weight depends on the incoming per-token grads.
     Under torch.autocast the four matrices are cast to the autocast dtype, as F.linear would be.
     """
-    check_args(alpha, temperature, reduction, backend)
+    check_args(alpha, temperature, reduction, backend, teacher_temperature)
     h = student_hidden.shape[-1]
     lead = student_hidden.shape[:-1]
     hs = student_hidden.reshape(-1, h)
-    ht = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    ht = teacher_at_its_temperature(teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), temperature,
+                                    teacher_temperature)
     wt = teacher_weight.detach()
     if hs.shape[0] != ht.shape[0]:
         raise ValueError(f"student has {hs.shape[0]} tokens, teacher {ht.shape[0]}")

@@ -23,10 +23,10 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(x.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, float("-inf"))
 
 
-def generalized_jsd_reference(student_logits, teacher_logits, *, alpha=0.5, temperature=1.0, topk=None,
-                              tail=True, weights=None, reduction="mean"):
+def generalized_jsd_reference(student_logits, teacher_logits, *, alpha=0.5, temperature=1.0,
+                              teacher_temperature=None, topk=None, tail=True, weights=None, reduction="mean"):
     s = student_logits / temperature
-    t = teacher_logits.detach() / temperature
+    t = teacher_logits.detach() / (temperature if teacher_temperature is None else teacher_temperature)
     if alpha == 0:  # forward KL: drop entries the student cannot emit
         t = t.masked_fill(torch.isneginf(s), float("-inf"))
     elif alpha == 1:  # reverse KL: drop entries the teacher cannot emit

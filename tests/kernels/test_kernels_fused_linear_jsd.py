@@ -52,6 +52,17 @@ def test_matches_reference(backend, alpha, reduction, chunk_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("teacher_temperature", [0.5, 2.0])
+def test_teacher_temperature_matches_reference(backend, alpha, teacher_temperature):
+    """The teacher's hidden states rescaled inside the fused loss = the reference dividing its logits."""
+    device = device_for(backend)
+    weights = torch.tensor([1.0, 0.0, 2.0, 0.5, 1.0, 0.0, 0.0, 1.0, 1.0, 0.25], device=device)
+    check(make(device=device), backend=backend, alpha=alpha, temperature=1.3, teacher_temperature=teacher_temperature,
+          weights=weights, reduction="sum", chunk_size=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bfloat16(backend):
     check(make(torch.bfloat16, device=device_for(backend)), tol=3e-2, backend=backend, chunk_size=4)
 
@@ -97,7 +108,8 @@ def test_shape_errors():
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_gradcheck_torch_path(alpha, reduction):
+@pytest.mark.parametrize("teacher_temperature", [None, 0.6])
+def test_gradcheck_torch_path(alpha, reduction, teacher_temperature):
     hs = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
     ws = torch.randn(13, 5, dtype=torch.float64, requires_grad=True)
     ht, wt = torch.randn(6, 3, dtype=torch.float64), torch.randn(13, 3, dtype=torch.float64)
@@ -105,7 +117,8 @@ def test_gradcheck_torch_path(alpha, reduction):
 
     def fn(a, b):
         return fused_linear_generalized_jsd(a, b, ht, wt, alpha=alpha, temperature=0.8, weights=weights,
-                                            reduction=reduction, chunk_size=4, backend="torch")
+                                            teacher_temperature=teacher_temperature, reduction=reduction,
+                                            chunk_size=4, backend="torch")
 
     assert torch.autograd.gradcheck(fn, (hs, ws), eps=1e-6, atol=1e-7, rtol=1e-5)
 

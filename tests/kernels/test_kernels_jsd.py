@@ -6,6 +6,7 @@ from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kernel_helpers import (BACKENDS, TRITON_OK, assert_close_scaled, assert_matches_reference, device_for,
@@ -220,6 +221,32 @@ def test_gradcheck_torch_path(alpha, topk, tail, reduction):
     assert torch.autograd.gradcheck(fn, (student,), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("temperature,teacher_temperature", [(1.0, 0.5), (2.5, 0.7), (1.0, 3.0)])
+@pytest.mark.parametrize("topk", [None, 7])
+def test_teacher_temperature_matches_reference(backend, alpha, temperature, teacher_temperature, topk):
+    """The teacher at its own temperature (the student at ``temperature``), with -inf on both sides and masked
+    rows, full vocabulary and top-k, as the float64 reference that divides the teacher's logits directly."""
+    device = device_for(backend)
+    student, teacher = _neg_inf_logits("mixed", device)
+    assert_matches_reference(student, teacher, backend=backend, alpha=alpha, temperature=temperature,
+                             teacher_temperature=teacher_temperature, topk=topk, reduction="sum",
+                             weights=mixed_weights(n=student.shape[0], device=device))
+
+
+def test_teacher_temperature_changes_only_the_teacher():
+    """Positive control: a teacher temperature below 1 moves the loss (a sharper target), equal to
+    ``temperature`` it is the plain loss; the reference agrees with a teacher whose logits were divided by hand."""
+    student, teacher = make(n=4, v=300, dtype=torch.float64)
+    plain = generalized_jsd(student, teacher, alpha=0.0, temperature=1.5, reduction="sum")
+    same = generalized_jsd(student, teacher, alpha=0.0, temperature=1.5, teacher_temperature=1.5, reduction="sum")
+    sharp = generalized_jsd(student, teacher, alpha=0.0, temperature=1.5, teacher_temperature=0.5, reduction="sum")
+    assert same.item() == plain.item() and abs(sharp.item() - plain.item()) > 1e-3
+    by_hand = (F.softmax(teacher / 0.5, -1) * (F.log_softmax(teacher / 0.5, -1) - F.log_softmax(student / 1.5, -1)))
+    torch.testing.assert_close(sharp, by_hand.sum())
+
+
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 5), v=st.integers(2, 40), alpha=st.sampled_from([0.0, 0.1, 0.5, 0.9, 1.0]),
        temperature=st.floats(0.3, 4.0), seed=st.integers(0, 2**16))
@@ -232,7 +259,7 @@ def test_property_torch_matches_reference(n, v, alpha, temperature, seed):
 
 def test_argument_errors_and_auto_backend():
     student, teacher = make(n=2, v=10)
-    for bad in ({"alpha": 1.5}, {"temperature": 0.0}, {"reduction": "avg"}, {"backend": "cuda"}, {"topk": 0},
+    for bad in ({"alpha": 1.5}, {"temperature": 0.0}, {"teacher_temperature": 0.0}, {"reduction": "avg"}, {"backend": "cuda"}, {"topk": 0},
                 {"weights": torch.ones(3)}):
         with pytest.raises(ValueError):
             generalized_jsd(student, teacher, **bad)

@@ -1,0 +1,59 @@
+"""The remedies for a teacher flatter than its student, as settings: each reaches the loss on every distillation
+method, teacher kind and LoRA setting, fused or through the logits (the float64 checks of the loss itself are in
+test_loss.py and tests/kernels)."""
+
+import itertools
+
+import pytest
+import torch
+from test_roles import KINDS, built, settings
+from test_step import run
+
+from mopd_lightning.config import LossConfig, PeerConfig
+from mopd_lightning.loss import distillation_loss
+
+DISTILLATION = ("mopd", "opd", "teacher_opd")
+GRID = [(kind, method, lora, fused) for kind, method, lora, fused in
+        itertools.product(KINDS, DISTILLATION, (False, True), (True, False))]
+
+
+@pytest.fixture(scope="module")
+def external_model(tmp_path_factory):
+    from tiny import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny-external"), seed=7))
+
+
+@pytest.mark.parametrize("kind,method,lora,fused", GRID)
+def test_the_teacher_temperature_reaches_every_distillation_loss(tiny_model, external_model, monkeypatch, kind,
+                                                                 method, lora, fused):
+    """Each distillation call of a training step gets the teacher temperature, and on the same inputs it gives
+    the loss of a sharper teacher: not the plain one, and the float64 formula with the teacher divided by 0.5."""
+    import mopd_lightning.objectives as objectives
+
+    calls = []
+
+    def recording(*args):
+        calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+        return distillation_loss(*args)
+
+    monkeypatch.setattr(objectives, "distillation_loss", recording)
+    loss = LossConfig(teacher_temperature=0.5, fused_linear=fused, topk=None if fused else 5, backend="torch")
+    module = built(tiny_model, **{**settings(kind, method, lora, external_model), "loss": loss,
+                                  "peers": PeerConfig(require_success=False)})
+    run(module)
+    assert calls, "no distillation loss was computed"
+    for hidden, weight, teacher_hidden, teacher_weight, weights, config in calls:
+        assert config.teacher_temperature == 0.5
+        if not weights.any():
+            continue
+        sharp = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config)
+        plain = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights,
+                                  LossConfig(fused_linear=fused, topk=config.topk, backend="torch"))
+        assert abs(float(sharp) - float(plain)) > 1e-6
+        s = torch.log_softmax((hidden @ weight.T).double(), -1)
+        t = torch.log_softmax((teacher_hidden @ teacher_weight.T).double() / 0.5, -1)
+        if config.topk is None:  # alpha 0.5: the generalized JSD against the mixture
+            m = torch.logsumexp(torch.stack([s, t]) + torch.tensor(0.5).log(), 0)
+            per_token = 0.5 * (s.exp() * (s - m)).sum(-1) + 0.5 * (t.exp() * (t - m)).sum(-1)
+            torch.testing.assert_close(sharp.double(), (per_token * weights.double()).sum(), rtol=1e-4, atol=1e-6)
