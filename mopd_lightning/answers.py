@@ -17,14 +17,33 @@ PARTS = ("answer", "rest", "end")
 def response_parts(tokenizer, response_ids: Sequence[int], finished: bool,
                    span: Optional[Tuple[int, int]]) -> Dict[str, List[int]]:
     """The token positions of each part of one response: a token is in the answer when the characters it decodes
-    to overlap ``span`` (character offsets in the response's text)."""
+    to overlap ``span`` (character offsets in the response's text).
+
+    The decoded length of a prefix grows with the prefix, so the span's first token is found by bisection and only
+    the tokens up to its end are decoded one by one: O(log n + answer) decodes, not O(n), so that scoring the
+    answer every training step stays cheap on 4096-token responses."""
     end = [len(response_ids) - 1] if finished and response_ids else []
-    answer, before = [], 0
-    for k in range(len(response_ids) - len(end)) if span else ():
-        upto = len(tokenizer.decode(response_ids[:k + 1], skip_special_tokens=True))
-        if upto > before and before < span[1] and upto > span[0]:
-            answer.append(k)
-        before = upto
+    body = len(response_ids) - len(end)
+    answer: List[int] = []
+    if span and body:
+        def decoded(k: int) -> int:  # characters of the first k tokens
+            return len(tokenizer.decode(response_ids[:k], skip_special_tokens=True)) if k else 0
+
+        low, high = 0, body  # the first token whose prefix reaches past span[0]
+        while low < high:
+            middle = (low + high) // 2
+            if decoded(middle + 1) > span[0]:
+                high = middle
+            else:
+                low = middle + 1
+        before = decoded(low)
+        for k in range(low, body):
+            if before >= span[1]:
+                break
+            upto = decoded(k + 1)
+            if upto > before and upto > span[0]:
+                answer.append(k)
+            before = upto
     taken = set(answer) | set(end)
     return {"answer": answer, "rest": [k for k in range(len(response_ids)) if k not in taken], "end": end}
 

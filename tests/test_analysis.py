@@ -365,6 +365,45 @@ def test_the_answer_span_is_the_tokens_that_spell_the_answer(tiny_model):
                                                               "end": []}
 
 
+def _parts_by_definition(tokenizer, ids, finished, span):
+    """Every prefix decoded: a token is in the answer when the characters it adds overlap the span."""
+    end = [len(ids) - 1] if finished and ids else []
+    answer, before = [], 0
+    for k in range(len(ids) - len(end)) if span else ():
+        upto = len(tokenizer.decode(ids[:k + 1], skip_special_tokens=True))
+        if upto > before and before < span[1] and upto > span[0]:
+            answer.append(k)
+        before = upto
+    return answer
+
+
+def test_the_answer_span_found_by_bisection_is_the_one_by_definition(tiny_model):
+    """The bisection over prefix lengths gives the tokens the direct definition gives, on texts with multi-byte
+    characters, spans at the start, the end, inside one token, and past the text."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from mopd_lightning.answers import response_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    rng = random.Random(0)
+    texts = ["The answer is B because 1 km is 1000 m. <answer>B</answer>", "Ünïcödé → ∑ x² = 42, so \\boxed{42}.",
+             "A", "  spaces   and\nnewlines\n\nthen C", "déjà vu: 東京 is the answer (D)"]
+    checked = 0
+    for text in texts:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        for finished in (False, True):
+            seq = ids + [tokenizer.eos_token_id] if finished else ids
+            spans = [(0, 1), (len(text) - 1, len(text)), (len(text), len(text) + 5)]
+            spans += [tuple(sorted(rng.sample(range(len(text) + 1), 2))) for _ in range(6) if len(text) > 1]
+            for span in spans:
+                parts = response_parts(tokenizer, seq, finished, span)
+                assert parts["answer"] == _parts_by_definition(tokenizer, seq, finished, span), (text, span)
+                checked += bool(parts["answer"])
+    assert checked > 20  # the spans found tokens: the comparison was not between two empty lists
+
+
 def parts_record(prompt, success, informative_answer, shown):
     """A rollout whose answer-span score separates successes when ``informative_answer`` and whose rest never does."""
     answer = (1.0 if success else -1.0) if informative_answer else 0.0
@@ -391,3 +430,4 @@ def test_a_signal_on_the_answer_alone_is_found_where_the_whole_response_dilutes_
 
     table = markdown_report(summary, "t")
     assert "**Where does the signal sit?**" in table and "| 2S1F | 1.000" in table.split("Where does")[1]
+
