@@ -35,9 +35,8 @@ import torch
 from .answers import PARTS, rollout_parts
 from .config import LABEL_BLIND, ConfigError, PeerConfig
 from .diversity import self_bleu
-from .loss import entropy_and_logprobs
 from .peers import build_teacher_contexts
-from .scoring import output_weight, score_rollouts
+from .scoring import mean_logp_and_entropy, output_weight, score_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +107,6 @@ def score_settings(module, variants: Sequence[str]) -> Dict[str, Any]:
                                      if value != getattr(peers, key)} for name in variants}}
 
 
-def _mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
-                           response_ids: Sequence[Sequence[int]], parts: Dict[int, Dict[str, List[int]]]
-                           ) -> Dict[int, Dict[str, Any]]:
-    """Per rollout: mean log-prob and entropy over its tokens, and the mean log-prob over each part (None where the
-    part is empty)."""
-    out = {}
-    for r, h in hidden.items():
-        entropy, logp = entropy_and_logprobs(h, weight, torch.tensor(response_ids[r], device=h.device))
-        out[r] = {"logp": float(logp.mean()), "entropy": float(entropy.mean()),
-                  "parts": {part: float(logp[positions].mean()) if positions else None
-                            for part, positions in parts[r].items()}}
-    return out
-
-
 @torch.no_grad()
 def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[str, Any]]:
     """Sample and verify groups for ``batch``, then score every rollout under every context variant.
@@ -142,7 +127,7 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
     parts = rollout_parts(batch, rollouts, module.tokenizer, module.verifier.strict, list(plain))
     with module.run_as(module.roles.student) as model:
-        student = _mean_logp_and_entropy(score_rollouts(model, plain, lengths, pad, budget, packed),
+        student = mean_logp_and_entropy(score_rollouts(model, plain, lengths, pad, budget, packed),
                                          output_weight(model), rollouts.response_ids, parts)
     per_variant = {}
     for name in variants:
@@ -150,7 +135,7 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
                                           seed_key=f"{module.seed}:analyze")
         sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts)
                      if c.active and r in plain}
-        per_variant[name] = _mean_logp_and_entropy(*module.score_teacher(sequences, lengths), rollouts.response_ids,
+        per_variant[name] = mean_logp_and_entropy(*module.score_teacher(sequences, lengths), rollouts.response_ids,
                                                    parts)
         log.info("analysis: context %s scored (%d of %d; %.0f s)", name, len(per_variant), len(variants),
                  time.monotonic() - started)

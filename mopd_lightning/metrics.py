@@ -9,6 +9,8 @@ from typing import Any, Dict, List
 import torch
 from torchmetrics import Metric
 
+from .analysis import score, summarize
+
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     """Unbiased pass@k from n samples with c correct: ``1 - C(n - c, k) / C(n, k)``."""
@@ -46,6 +48,31 @@ def success_coverage(rollouts, contexts) -> Dict[str, float]:
     silent = [r for r in successes if not contexts[r].active]
     return {"train/lone_success_fraction": len(lone) / len(rollouts),
             "train/success_without_signal_fraction": len(silent) / max(len(successes), 1)}
+
+
+def teacher_signal_metrics(rollouts, probes: Dict[str, Dict[int, Dict[str, Any]]]) -> Dict[str, float]:
+    """What the analysis would say of this step's own teacher contexts, from the step's own passes: the AUC of the
+    teacher-minus-student score over the step's prompts with both outcomes (whole response and answer span), the
+    teacher-minus-student entropy on the student's tokens, and the share of successes (and of failures) whose
+    tokens the teacher finds likelier than the student does, i.e. that distillation pushes up. A teacher flatter
+    than the student (entropy gap > 0, successes not favoured) is a collapse coming (README, "Logged metrics")."""
+    student, teacher = probes["student"], probes["teacher"]
+    records = [{"prompt": rollouts.group[r], "reward": rollouts.reward[r], "success": rollouts.success[r],
+                "student_logp": student[r]["logp"], "student_entropy": student[r]["entropy"],
+                "student_parts": student[r]["parts"], "teacher": {"step": teacher[r]}} for r in sorted(teacher)]
+    if not records:
+        return {}
+    step = summarize(records, ["step"], samples=1)["variants"]["step"]
+    metrics = {"train/teacher_entropy_gap": step["entropy_gap"]["mean"],
+               "train/teacher_auc_prompts": float(step["auc"]["n"])}
+    for key, name in (("auc", "train/teacher_auc"), ("auc_answer", "train/teacher_auc_answer")):
+        if step[key]["n"]:
+            metrics[name] = step[key]["mean"]
+    for outcome, name in ((True, "success"), (False, "failure")):
+        scores = [score(record, "step") for record in records if record["success"] == outcome]
+        if scores:
+            metrics[f"train/teacher_favours_{name}_fraction"] = sum(s > 0 for s in scores) / len(scores)
+    return metrics
 
 
 def training_metrics(rollouts, signal, names: List[str], weights: List[float], stats: Dict[str, Any],
@@ -102,6 +129,7 @@ def training_metrics(rollouts, signal, names: List[str], weights: List[float], s
             "train/summary_fallback_fraction": (sum(c.summary_fallbacks for c in contexts)
                                                 / max(sum(len(c.summarized) for c in contexts), 1)),
             **success_coverage(rollouts, contexts),
+            **teacher_signal_metrics(rollouts, stats["teacher_probes"]),
         })
     if stats.get("self_bleu") is not None:  # how alike a group's rollouts are (collapse: towards 1)
         metrics["train/self_bleu"] = stats["self_bleu"]

@@ -351,11 +351,12 @@ class MOPDModule(pl.LightningModule):
         if self.method.needs_teacher:
             signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
                                                      seed_key=f"{self.seed}:{self.rollout_batches}")
-            if self.method.distils_answers_only:  # a rollout without an answer to distil on gets no signal
+            if self.method.distils_answers_only:
                 check_answer_spans({e.verifier for e in batch})
-                active = [r for r, context in enumerate(signal.contexts) if context.active]
-                parts = rollout_parts(batch, rollouts, self.tokenizer, self.verifier.strict, active)
-                signal.answer_positions = {r: parts[r]["answer"] for r in active}
+            active = [r for r, context in enumerate(signal.contexts) if context.active]
+            parts = rollout_parts(batch, rollouts, self.tokenizer, self.verifier.strict, active)
+            signal.answer_positions = {r: parts[r]["answer"] for r in active}  # also scored by the step's metrics
+            if self.method.distils_answers_only:  # a rollout without an answer to distil on gets no signal
                 for r in active:
                     signal.contexts[r].active = bool(signal.answer_positions[r])
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}

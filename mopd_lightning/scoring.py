@@ -7,11 +7,12 @@ chunks, or fused), so the full ``(tokens x vocabulary)`` logits of whole sequenc
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
 from .config import ConfigError
+from .loss import entropy_and_logprobs
 from .sharding import is_sharded
 
 
@@ -169,3 +170,17 @@ def score_rollouts(model, sequences: Dict[int, List[int]], response_lengths: Dic
 def output_weight(model) -> torch.Tensor:
     """The output projection ``(V, H)`` that turns final hidden states into logits."""
     return model.get_output_embeddings().weight
+
+
+def mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
+                          response_ids: Sequence[Sequence[int]], parts: Dict[int, Dict[str, List[int]]]
+                          ) -> Dict[int, Dict[str, Any]]:
+    """Per rollout: mean log-prob and entropy (temperature 1) over its tokens, and the mean log-prob over each part
+    (None where the part is empty). The analysis and the training step's teacher-signal metrics both score so."""
+    out = {}
+    for r, h in hidden.items():
+        entropy, logp = entropy_and_logprobs(h, weight, torch.tensor(response_ids[r], device=h.device))
+        out[r] = {"logp": float(logp.mean()), "entropy": float(entropy.mean()),
+                  "parts": {part: float(logp[positions].mean()) if positions else None
+                            for part, positions in parts[r].items()}}
+    return out

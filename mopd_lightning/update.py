@@ -19,7 +19,8 @@ import torch
 from .loss import entropy_and_logprobs
 from .objectives import MicroBatch, TrainingSignal, engine_importance_weights
 from .rollouts import Rollouts
-from .scoring import final_hidden_states, output_weight, padded_fraction, plan_forwards, response_hidden_states
+from .scoring import (final_hidden_states, mean_logp_and_entropy, output_weight, padded_fraction, plan_forwards,
+                      response_hidden_states)
 from .sharding import is_sharded
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class StudentUpdate:
                             for (_, objective), (_, counted) in zip(self.objectives, self.plans)]
         self.correction = module.vllm_config.importance_sampling if rollouts.sample_logp else "none"
         self.engine_weights: Dict[int, torch.Tensor] = {}  # per rollout, set on the first update
+        # per rollout with a teacher: the student's and the teacher's mean log-prob and entropy on its tokens, from
+        # the first update's forward pass (before any change), for the step's teacher-signal metrics
+        self.probes: Dict[str, Dict[int, Dict[str, Any]]] = {"student": {}, "teacher": {}}
+        self.probed: set = set()
 
     def run(self) -> Dict[str, Any]:
         module, rollouts = self.module, self.rollouts
@@ -57,7 +62,7 @@ class StudentUpdate:
             if self.correction != "none":
                 stats.update(engine_is_weight=gauge["weight"] / tokens, engine_is_clipped=gauge["over"] / tokens)
         stats.update(forward_rows=len(self.forward), normalisers=self.normalisers,
-                     padded_fraction=self._padded_fraction())
+                     padded_fraction=self._padded_fraction(), teacher_probes=self.probes)
         return stats
 
     def _optimizer_step(self, update: int, old_logp: Optional[Dict[int, torch.Tensor]],
@@ -150,6 +155,9 @@ class StudentUpdate:
         tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
         batch = MicroBatch(rows, hidden, output_weight(module.student), tokens, lengths,
                            temperature=module.sampling.temperature)
+        if not self.probed.issuperset(rows):  # the first update: before the weights move
+            self.probed.update(rows)
+            self._probe(rows, hidden, batch.weight, lengths)
         if gauge is not None:
             with torch.no_grad():
                 entropy, logp = entropy_and_logprobs(hidden.detach(), batch.weight.detach(), tokens)
@@ -170,6 +178,21 @@ class StudentUpdate:
                 old_logp.update(zip(rows, batch.current_logp().split(lengths)))
             batch.old_logp = torch.cat([old_logp[r] for r in rows])
         return batch
+
+    @torch.no_grad()
+    def _probe(self, rows: List[int], hidden: torch.Tensor, weight: torch.Tensor, lengths: List[int]) -> None:
+        """Score the rows that have a teacher as the analysis scores them (``mean_logp_and_entropy``): the student
+        on the hidden states this pass computed anyway, the teacher on those the teacher phase kept."""
+        signal, response_ids = self.signal, self.rollouts.response_ids
+        taught = [r for r in rows if r in signal.teacher_hidden]
+        if not taught:
+            return
+        mine = dict(zip(rows, hidden.detach().split(lengths)))
+        parts = {r: {"answer": signal.answer_positions.get(r, [])} for r in taught}
+        self.probes["student"].update(mean_logp_and_entropy({r: mine[r] for r in taught}, weight.detach(),
+                                                            response_ids, parts))
+        self.probes["teacher"].update(mean_logp_and_entropy({r: signal.teacher_hidden[r] for r in taught},
+                                                            signal.teacher_weight, response_ids, parts))
 
     def _padded_fraction(self) -> float:
         """Padding's share of the tokens this step's teacher, reference and student passes computed."""

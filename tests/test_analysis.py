@@ -431,3 +431,51 @@ def test_a_signal_on_the_answer_alone_is_found_where_the_whole_response_dilutes_
     table = markdown_report(summary, "t")
     assert "**Where does the signal sit?**" in table and "| 2S1F | 1.000" in table.split("Where does")[1]
 
+
+def test_the_steps_teacher_signal_metrics_are_the_analysis_of_its_own_contexts(tiny_model, monkeypatch):
+    """``train/teacher_auc``, ``_auc_answer``, ``_entropy_gap`` and the favoured fractions, logged from the training
+    step's own passes, equal the analysis's statistics computed by its own scoring passes on the same rollouts and
+    contexts, before the update moves any weight."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from mopd_lightning.analysis import score, summarize
+    from mopd_lightning.data.datamodule import PromptStream
+    from mopd_lightning.rewards.registry import ANSWER_SPANS
+    from mopd_lightning.scoring import mean_logp_and_entropy, output_weight, score_rollouts
+
+    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict: (0, 3) if len(text) >= 3 else None)
+    module = make(tiny_model, peers=PeerConfig(require_success=False))
+    expected = {}
+    real_update = module.update_student
+
+    def analysed_then_updated(rollouts, signal):
+        taught = sorted(signal.teacher_hidden)
+        lengths = {r: len(rollouts.response_ids[r]) for r in taught}
+        parts = {r: {"answer": signal.answer_positions[r]} for r in taught}
+        plain = {r: rollouts.prompt_ids[r] + rollouts.response_ids[r] for r in taught}
+        teacher_sequences = {r: signal.contexts[r].prompt_ids + rollouts.response_ids[r] for r in taught}
+        with module.run_as(module.roles.student) as model:
+            student = mean_logp_and_entropy(score_rollouts(model, plain, lengths, module.tokenizer.pad_token_id, 4096),
+                                            output_weight(model), rollouts.response_ids, parts)
+        teacher = mean_logp_and_entropy(*module.score_teacher(teacher_sequences, lengths), rollouts.response_ids, parts)
+        records = [{"prompt": rollouts.group[r], "reward": rollouts.reward[r], "success": rollouts.success[r],
+                    "student_logp": student[r]["logp"], "student_entropy": student[r]["entropy"],
+                    "student_parts": student[r]["parts"], "teacher": {"2S1F": teacher[r]}} for r in taught]
+        summary = summarize(records, ["2S1F"], samples=10)["variants"]["2S1F"]
+        expected.update({"train/teacher_auc": summary["auc"]["mean"], "train/teacher_auc_answer":
+                         summary["auc_answer"]["mean"], "train/teacher_entropy_gap": summary["entropy_gap"]["mean"],
+                         "train/teacher_auc_prompts": summary["auc"]["n"]})
+        for outcome, name in ((True, "success"), (False, "failure")):
+            scores = [score(rec, "2S1F") > 0 for rec in records if rec["success"] == outcome]
+            expected[f"train/teacher_favours_{name}_fraction"] = sum(scores) / len(scores)
+        return real_update(rollouts, signal)
+
+    monkeypatch.setattr(module, "update_student", analysed_then_updated)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(PromptStream(examples(8), 4, seed=0, shuffle=False),
+                                                     batch_size=None))
+    assert expected["train/teacher_auc_prompts"] >= 2 and expected["train/teacher_auc_answer"] is not None
+    for key, value in expected.items():
+        assert abs(float(trainer.logged_metrics[key]) - value) < 1e-4, key
