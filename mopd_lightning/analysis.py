@@ -32,11 +32,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from .answers import PARTS, rollout_parts
+from .answers import PARTS, choice_targets, rollout_parts
 from .config import LABEL_BLIND, ConfigError, PeerConfig
 from .diversity import self_bleu
 from .peers import build_teacher_contexts
-from .scoring import mean_logp_and_entropy, output_weight, score_rollouts
+from .scoring import choice_mass, mean_logp_and_entropy, output_weight, score_rollouts
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,11 @@ def score_settings(module, variants: Sequence[str]) -> Dict[str, Any]:
                                      if value != getattr(peers, key)} for name in variants}}
 
 
+TEACHER_TEMPERATURES = (1.0, 0.7, 0.5, 0.3)
+"""Temperatures of the teacher at which the analysis measures its mass on the right option (the student's is 1):
+what ``model.loss.teacher_temperature`` would make of the same teacher."""
+
+
 @torch.no_grad()
 def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[str, Any]]:
     """Sample and verify groups for ``batch``, then score every rollout under every context variant.
@@ -126,17 +131,25 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
     pad, budget, packed = module.tokenizer.pad_token_id, module.optim.max_tokens_per_micro_batch, module.optim.packed
     plain = {r: rollouts.prompt_ids[r] + ids for r, ids in enumerate(rollouts.response_ids) if ids}
     parts = rollout_parts(batch, rollouts, module.tokenizer, module.verifier.strict, list(plain))
+    targets = choice_targets(batch, rollouts, module.tokenizer, parts, module.verifier.strict)
     with module.run_as(module.roles.student) as model:
-        student = mean_logp_and_entropy(score_rollouts(model, plain, lengths, pad, budget, packed),
-                                         output_weight(model), rollouts.response_ids, parts)
+        hidden = score_rollouts(model, plain, lengths, pad, budget, packed)
+        student = mean_logp_and_entropy(hidden, output_weight(model), rollouts.response_ids, parts)
+        student_choice = choice_mass(hidden, output_weight(model), targets, (1.0,))
     per_variant = {}
     for name in variants:
         contexts = build_teacher_contexts(batch, rollouts, module.tokenizer, variant_peers(module.peers, name),
                                           seed_key=f"{module.seed}:analyze")
         sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(contexts)
                      if c.active and r in plain}
-        per_variant[name] = mean_logp_and_entropy(*module.score_teacher(sequences, lengths), rollouts.response_ids,
-                                                   parts)
+        hidden, head = module.score_teacher(sequences, lengths)
+        per_variant[name] = mean_logp_and_entropy(hidden, head, rollouts.response_ids, parts)
+        for r, choice in choice_mass(hidden, head, targets, TEACHER_TEMPERATURES).items():
+            per_variant[name][r]["choice"] = choice
+        for r in per_variant[name]:  # shown a success of its own group, truly (not as a control labels it)
+            per_variant[name][r]["shows_success"] = any(
+                rollouts.success[p.rollout] and rollouts.group[p.rollout] == rollouts.group[r]
+                for p in contexts[r].peers + contexts[r].summarized)
         log.info("analysis: context %s scored (%d of %d; %.0f s)", name, len(per_variant), len(variants),
                  time.monotonic() - started)
     diversity = [self_bleu([rollouts.response_text[r] for r in members], batch[g].verifier == "code")
@@ -148,6 +161,7 @@ def teacher_signal_records(module, batch, variants: Sequence[str]) -> List[Dict[
             "prompt": example.id, "reward": rollouts.reward[r], "success": rollouts.success[r],
             "response_len": lengths[r], "answer_len": len(parts[r]["answer"]), "student_logp": student[r]["logp"],
             "student_entropy": student[r]["entropy"], "student_parts": student[r]["parts"],
+            "student_choice": student_choice.get(r),
             "teacher": {name: scores.get(r) for name, scores in per_variant.items()},
             "group_self_bleu": diversity[rollouts.group[r]],
         })
@@ -367,6 +381,10 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
         summary["variants"][name].update({key: bootstrap_mean(values, samples, seed)
                                           for key, values in per_prompt.items()})
     for name in variants:
+        choice = choice_summary(records, name, samples, seed)
+        if choice:
+            summary["variants"][name]["choice"] = choice
+    for name in variants:
         for control in LABEL_BLIND:
             if control in prompt_auc and control != name:
                 for key in ("auc", "auc_answer"):  # the whole response, and the answer span alone
@@ -374,6 +392,59 @@ def summarize(records: Sequence[Dict[str, Any]], variants: Sequence[str], sample
                     summary["variants"][name][f"{key}_minus_{control}"] = bootstrap_mean(
                         [mine[p] - theirs[p] for p in mine if p in theirs], samples, seed)
     return summary
+
+
+CHOICE_SUBSETS = {"failures_shown_success": "failures shown a success", "successes": "successes"}
+
+
+def choice_summary(records: Sequence[Dict[str, Any]], variant: str, samples: int = 2000,
+                   seed: int = 0) -> Dict[str, Any]:
+    """Where the teacher's distribution points on a multiple-choice answer, which is what training moves the student
+    toward: at the answer's first token, the teacher's probability of the right option minus the student's (and of
+    its share of the options' mass), at each teacher temperature, and the entropy gap there; for failures whose
+    context shows a success of their group, and for successes. Below 0 for the failures: the teacher does not point
+    at what the shown success says, and distillation cannot teach it (over rollouts; empty without choices)."""
+    out = {}
+    for subset in CHOICE_SUBSETS:
+        pairs = [(r["student_choice"], r["teacher"][variant]["choice"]) for r in records
+                 if r.get("student_choice") and (r["teacher"].get(variant) or {}).get("choice")
+                 and (r["success"] if subset == "successes" else
+                      not r["success"] and r["teacher"][variant].get("shows_success"))]
+        if not pairs:
+            continue
+        temperatures = list(pairs[0][1]["right"])
+        out[subset] = {
+            "student_right": bootstrap_mean([s["right"]["1.0"] for s, _ in pairs], samples, seed),
+            "teacher_right": {t: bootstrap_mean([c["right"][t] for _, c in pairs], samples, seed) for t in temperatures},
+            "right_gap": {t: bootstrap_mean([c["right"][t] - s["right"]["1.0"] for s, c in pairs], samples, seed)
+                          for t in temperatures},
+            "share_gap": {t: bootstrap_mean([c["share"][t] - s["share"]["1.0"] for s, c in pairs], samples, seed)
+                          for t in temperatures},
+            "entropy_gap": bootstrap_mean([c["entropy"] - s["entropy"] for s, c in pairs], samples, seed),
+        }
+    return out
+
+
+def _choice_table(summary: Dict[str, Any]) -> List[str]:
+    rows = [(name, subset, stats["choice"][subset]) for name, stats in summary["variants"].items()
+            for subset in CHOICE_SUBSETS if subset in stats.get("choice", {})]
+    if not rows:
+        return []
+    temperatures = list(rows[0][2]["right_gap"])
+    lines = ["", "**Where does the teacher point on the answer?** At the answer's first token of a multiple-choice "
+             "rollout: the student's probability of the right option, the teacher's, and the teacher's minus the "
+             "student's at each teacher temperature (`model.loss.teacher_temperature`; the student at 1), and the "
+             "teacher-minus-student entropy there. Training moves the student toward the teacher: below 0 for the "
+             "failures shown a success, distillation pushes the right option down. Means over rollouts.", "",
+             "| context | rollouts | student p(right) | teacher p(right) | "
+             + " | ".join(f"teacher - student (T={t})" for t in temperatures) + " | share gap (T=1) | entropy gap |",
+             "|---" * (6 + len(temperatures)) + "|"]
+    for name, subset, stats in rows:
+        lines.append(f"| {name} | {CHOICE_SUBSETS[subset]} ({stats['student_right']['n']}) | "
+                     f"{_cell(stats['student_right'])} | {_cell(stats['teacher_right'][temperatures[0]])} | "
+                     + " | ".join(_cell(stats["right_gap"][t]) for t in temperatures)
+                     + f" | {_cell(stats['share_gap'][temperatures[0]])} | {_cell(stats['entropy_gap'])} |")
+    return lines
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -457,6 +528,7 @@ def markdown_report(summary: Dict[str, Any], title: str, meta: Optional[Dict[str
             cells += [_cell(stats[f"auc_answer_minus_{c}"]) if f"auc_answer_minus_{c}" in stats else "-"
                       for c in margins]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += _choice_table(summary)
     lines += ["", "**How far is the teacher from the student?** All prompts. Gap = student minus teacher mean "
               "log-prob on the student's tokens, a per-token estimate of KL(student || teacher) at these weights; "
               "entropy gap = teacher minus student mean entropy (nats).", "",

@@ -1,17 +1,23 @@
 """Where the answer is in a response: the tokens that spell what the verifier read (the letter, the last
 ``\\boxed{}``, the program), the end-of-turn token of a finished rollout, and the rest. The analysis scores each
-part apart; ``model.loss.tokens: answer`` distils on the answer alone."""
+part apart; ``model.loss.tokens: answer`` distils on the answer alone. For a multiple-choice question, also which
+token at the answer's first position would have named each option (:func:`choice_targets`), so that the analysis
+can say how much mass the teacher puts on the right option, against the student."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .config import ConfigError
 from .data.example import Example
 from .rewards.registry import ANSWER_SPANS
+from .rewards.sci import extract_choice
 from .rollouts import Rollouts
 
 PARTS = ("answer", "rest", "end")
+_OPTION_LINE = re.compile(r"^([A-J])[.)] ", re.MULTILINE)
 
 
 def response_parts(tokenizer, response_ids: Sequence[int], finished: bool,
@@ -68,3 +74,38 @@ def rollout_parts(batch: Sequence[Example], rollouts: Rollouts, tokenizer, stric
         span = find_span(rollouts.response_text[r], strict) if find_span else None
         parts[r] = response_parts(tokenizer, rollouts.response_ids[r], rollouts.finished[r], span)
     return parts
+
+
+@dataclass(frozen=True)
+class ChoiceTarget:
+    """At ``position`` (the first token of a rollout's answer), the token that would name each option in the place
+    of the one written (``options[i]`` names letter ``letters[i]``); ``right`` indexes the right one."""
+
+    position: int
+    options: List[int]
+    letters: str
+    right: int
+
+
+def choice_targets(batch: Sequence[Example], rollouts: Rollouts, tokenizer, parts: Dict[int, Dict[str, List[int]]],
+                   strict: bool) -> Dict[int, ChoiceTarget]:
+    """For each rollout of a multiple-choice prompt (a letter ground truth, options listed as ``A. ...`` lines) whose
+    answer's first token holds the letter it chose: the token of every option at that place (the written token
+    with its letter replaced, where that is one token). Rollouts without one are left out."""
+    targets = {}
+    for r, rollout_parts in parts.items():
+        example = batch[rollouts.group[r]]
+        right = str(example.ground_truth).strip().upper() if isinstance(example.ground_truth, str) else ""
+        letters = "".join(dict.fromkeys(_OPTION_LINE.findall(example.question)))
+        chosen = extract_choice(rollouts.response_text[r], strict)
+        if example.verifier != "sci" or right not in letters or not chosen or chosen not in letters \
+                or not rollout_parts["answer"]:
+            continue
+        position = rollout_parts["answer"][0]
+        written = tokenizer.decode([rollouts.response_ids[r][position]])
+        if written.count(chosen) != 1:
+            continue
+        options = [tokenizer.encode(written.replace(chosen, letter), add_special_tokens=False) for letter in letters]
+        if all(len(ids) == 1 for ids in options) and len({ids[0] for ids in options}) == len(letters):
+            targets[r] = ChoiceTarget(position, [ids[0] for ids in options], letters, letters.index(right))
+    return targets

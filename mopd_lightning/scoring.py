@@ -184,3 +184,25 @@ def mean_logp_and_entropy(hidden: Dict[int, torch.Tensor], weight: torch.Tensor,
                   "parts": {part: float(logp[positions].mean()) if positions else None
                             for part, positions in parts[r].items()}}
     return out
+
+
+@torch.no_grad()
+def choice_mass(hidden: Dict[int, torch.Tensor], weight: torch.Tensor, targets: Dict[int, Any],
+                temperatures: Sequence[float]) -> Dict[int, Dict[str, Any]]:
+    """Per rollout with a choice target (``answers.choice_targets``): at its answer's first position, the
+    probability of the right option's token and its share of the options' mass, at each temperature of the
+    distribution (the teacher's ``model.loss.teacher_temperature``), and the entropy there (temperature 1)."""
+    out = {}
+    for r, target in targets.items():
+        if r not in hidden:
+            continue
+        logits = (hidden[r][target.position] @ weight.T).float()
+        log_p = logits.log_softmax(-1)
+        entry: Dict[str, Any] = {"entropy": float(-(log_p.exp() * log_p).nan_to_num().sum()), "right": {}, "share": {}}
+        for temperature in temperatures:
+            p = (logits / temperature).softmax(-1)
+            options = p[target.options]
+            entry["right"][str(temperature)] = float(options[target.right])
+            entry["share"][str(temperature)] = float(options[target.right] / options.sum().clamp_min(1e-30))
+        out[r] = entry
+    return out

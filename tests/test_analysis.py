@@ -479,3 +479,74 @@ def test_the_steps_teacher_signal_metrics_are_the_analysis_of_its_own_contexts(t
     assert expected["train/teacher_auc_prompts"] >= 2 and expected["train/teacher_auc_answer"] is not None
     for key, value in expected.items():
         assert abs(float(trainer.logged_metrics[key]) - value) < 1e-4, key
+
+
+def test_the_choice_target_is_each_options_token_where_the_answer_starts(tiny_model):
+    """At the answer's first token, the token that would have named each option in its place; the right one is the
+    ground truth's; a response without a chosen letter, a domain without options, or a written token whose other
+    letters are not one token each (this tokenizer's " C" is two) has none."""
+    from transformers import AutoTokenizer
+
+    from mopd_lightning.answers import choice_targets, rollout_parts
+    from mopd_lightning.data.example import Example
+    from mopd_lightning.rollouts import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    question = "Which river?\nA. Arn\nB. Bel\nC. Cor\nD. Dun"
+    batch = [Example("q", [{"role": "user", "content": question}], "C", "sci"),
+             Example("m", [{"role": "user", "content": "1+1?"}], "2", "math")]
+    texts = ["I think the answer is (B)", "<answer>C</answer>", "no idea at all", "\\boxed{2}", "the answer is B"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    rollouts = Rollouts([0, 0, 0, 1, 0], [[1]] * 5, ids, texts, [False] * 5)
+    parts = rollout_parts(batch, rollouts, tokenizer, False, range(5))
+    targets = choice_targets(batch, rollouts, tokenizer, parts, False)
+    assert set(targets) == {0, 1}
+    for r, written in ((0, "B"), (1, "C")):
+        target = targets[r]
+        assert target.letters == "ABCD" and target.right == 2 and target.position == parts[r]["answer"][0]
+        assert target.options[target.letters.index(written)] == ids[r][target.position]
+        assert [tokenizer.decode([t]).strip() for t in target.options] == list("ABCD")
+
+
+def test_choice_mass_is_the_softmax_at_the_answer_position_at_each_temperature():
+    from mopd_lightning.answers import ChoiceTarget
+    from mopd_lightning.scoring import choice_mass
+
+    torch.manual_seed(0)
+    hidden, weight = {0: torch.randn(5, 8)}, torch.randn(40, 8)
+    target = ChoiceTarget(position=3, options=[7, 11, 2, 30], letters="ABCD", right=1)
+    got = choice_mass(hidden, weight, {0: target, 1: target}, (1.0, 0.5))
+    assert set(got) == {0}  # a rollout without hidden states is left out
+    logits = (hidden[0][3].double() @ weight.double().T)
+    for t in (1.0, 0.5):
+        p = torch.softmax(logits / t, -1)
+        assert abs(got[0]["right"][str(t)] - float(p[11])) < 1e-5
+        assert abs(got[0]["share"][str(t)] - float(p[11] / p[[7, 11, 2, 30]].sum())) < 1e-5
+    log_p = torch.log_softmax(logits, -1)
+    assert abs(got[0]["entropy"] - float(-(log_p.exp() * log_p).sum())) < 1e-4
+
+
+def _choice_record(success, student_right, teacher_right, shows_success=True):
+    choice = lambda p: {"right": {"1.0": p, "0.5": min(1.0, 1.5 * p)}, "share": {"1.0": p, "0.5": p}, "entropy": 1.0}
+    return {"prompt": "p", "success": success, "reward": float(success), "student_logp": -1.0, "student_entropy": 1.0,
+            "student_choice": {**choice(student_right), "right": {"1.0": student_right}, "share": {"1.0": student_right}},
+            "teacher": {"2S1F": {"logp": -1.0, "entropy": 1.0, "choice": choice(teacher_right),
+                                 "shows_success": shows_success}}}
+
+
+def test_the_choice_summary_says_where_the_teacher_points_for_failures_shown_a_success_and_for_successes():
+    """Positive control and its negative: a teacher that moves mass to the right option on failures shown a success
+    gives a positive gap there; one that flattens gives a negative one; failures not shown a success are left out."""
+    from mopd_lightning.analysis import choice_summary
+
+    pointing = [_choice_record(False, 0.2, 0.5), _choice_record(False, 0.1, 0.4), _choice_record(True, 0.6, 0.7),
+                _choice_record(False, 0.3, 0.0, shows_success=False)]
+    summary = choice_summary(pointing, "2S1F", samples=50)
+    assert summary["failures_shown_success"]["right_gap"]["1.0"]["n"] == 2
+    assert abs(summary["failures_shown_success"]["right_gap"]["1.0"]["mean"] - 0.3) < 1e-9
+    assert abs(summary["successes"]["right_gap"]["1.0"]["mean"] - 0.1) < 1e-9
+    flattening = [_choice_record(False, 0.5, 0.3), _choice_record(True, 0.8, 0.4)]
+    summary = choice_summary(flattening, "2S1F", samples=50)
+    assert summary["failures_shown_success"]["right_gap"]["1.0"]["mean"] < 0
+    assert summary["successes"]["right_gap"]["1.0"]["mean"] < 0
+    assert choice_summary([{**r, "student_choice": None} for r in pointing], "2S1F") == {}
