@@ -53,16 +53,39 @@ ARMS = {  # arm -> settings over the config: the method, and for the distillatio
     "simpo": ["--model.method", "simpo"],
 }
 CURVES = ("train/reward", "train/success_rate", "train/entropy", "train/response_len", "train/loss",
-          "train/active_fraction")
+          "train/active_fraction", "train/teacher_auc", "train/teacher_auc_answer", "train/teacher_entropy_gap",
+          "train/teacher_favours_success_fraction", "train/teacher_favours_failure_fraction")
+TEACHER = CURVES[6:]  # the distillation arms' teacher signal, averaged over every step that logged it
 
 
 class Curves(pl.Callback):
-    def __init__(self):
+    """The per-step training logs, and every ``every`` steps (and before the first) sampled accuracy (mean@k) on
+    each of ``splits``: for the facts control, the trained questions as trained (``train``), shuffled (``test``)
+    and unseen (``validation``)."""
+
+    def __init__(self, splits: Dict[str, list], every: int, k: int, batch_size: int, modes: List[str]):
         self.rows: List[Dict[str, float]] = []
+        self.evals: List[Dict[str, Any]] = []
+        self.splits, self.every, self.k, self.batch_size, self.modes = splits, every, k, batch_size, modes
+
+    def _evaluate(self, trainer, module, step: int) -> None:
+        row: Dict[str, Any] = {"step": step}
+        for split, examples in self.splits.items():
+            scores = evaluate(module, trainer, examples, self.k, self.batch_size, self.modes, greedy=False)
+            row.update({f"{split}/{name}": sum(v) / len(v) for name, v in scores.items()})
+        self.evals.append(row)
+        print(f"   step {step}: " + ", ".join(f"{key} {value:.3f}" for key, value in row.items()
+                                             if key.endswith(f"mean@{self.k}_lenient")), flush=True)
+
+    def on_train_start(self, trainer, module):
+        if self.every:
+            self._evaluate(trainer, module, 0)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         metrics = trainer.callback_metrics
         self.rows.append({k: float(metrics[k]) for k in CURVES + ("time/step_s",) if k in metrics})
+        if self.every and trainer.global_step % self.every == 0:
+            self._evaluate(trainer, module, trainer.global_step)
 
 
 def build(config: str, seed: int, extra: List[str]):
@@ -82,14 +105,18 @@ def metric_names(k: int, modes: List[str]) -> List[str]:
 
 
 @torch.no_grad()
-def evaluate(module: MOPDModule, trainer, examples, k: int, batch_size: int, modes: List[str]) -> Dict[str, List[float]]:
-    """Per prompt: greedy correctness, and the mean and the best (pass@k) over k sampled answers, under each verifier
-    mode; under the trainer's precision (autocast for bf16-mixed)."""
+def evaluate(module: MOPDModule, trainer, examples, k: int, batch_size: int, modes: List[str],
+             greedy: bool = True) -> Dict[str, List[float]]:
+    """Per prompt: greedy correctness (unless not ``greedy``), and the mean and the best (pass@k) over k sampled
+    answers, under each verifier mode; under the trainer's precision (autocast for bf16-mixed)."""
+    was_training = module.training
     module.eval()
-    out: Dict[str, List[float]] = {name: [] for name in metric_names(k, modes)}
+    kinds = [("greedy", 1, 0.0)] if greedy else []
+    kinds.append((f"mean@{k}", k, module.sampling.val_temperature))
+    out: Dict[str, List[float]] = {name: [] for name in metric_names(k, modes) if greedy or "greedy" not in name}
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
-        for kind, n, temperature in (("greedy", 1, 0.0), (f"mean@{k}", k, module.sampling.val_temperature)):
+        for kind, n, temperature in kinds:
             with trainer.precision_plugin.forward_context():
                 rollouts = module.sample(batch, "test", n, temperature)
             for mode in modes:
@@ -100,7 +127,7 @@ def evaluate(module: MOPDModule, trainer, examples, k: int, batch_size: int, mod
                     out[f"{kind}_{mode}"].append(sum(success[p * n:(p + 1) * n]) / n)
                     if kind != "greedy":
                         out[f"pass@{k}_{mode}"].append(float(any(success[p * n:(p + 1) * n])))
-    module.train()
+    module.train(was_training)
     return out
 
 
@@ -110,8 +137,13 @@ def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
         extra += ["--model.teacher.kind", "external", "--model.teacher.path", args.teacher]
     steps = 0 if arm == "base" else args.steps
     module, data, trainer = build(args.config, seed, extra + ["--trainer.max_steps", str(max(steps, 1))])
+    curve_splits = {}
+    if args.eval_every and steps:
+        for split in args.curve_splits:
+            data.setup({"train": "fit", "validation": "validate", "test": "test"}[split])
+            curve_splits[split] = data.datasets[split][: args.eval_prompts]
+    curves = Curves(curve_splits, args.eval_every if steps else 0, args.k, args.eval_batch_size, args.verifiers)
     started = time.perf_counter()
-    curves = Curves()
     if steps:
         trainer.callbacks.append(curves)
         trainer.fit(module, datamodule=data)
@@ -128,7 +160,7 @@ def run_arm(arm: str, seed: int, args) -> Dict[str, Any]:
         evaluation.update({f"{domain}:{name}": values for name, values in
                            evaluate(module, trainer, others, args.k, args.eval_batch_size, args.verifiers).items()})
     return {"arm": arm, "seed": seed, "steps": steps, "settings": extra, "split": split, "train_s": train_s,
-            "eval_s": time.perf_counter() - started - train_s, "curves": curves.rows,
+            "eval_s": time.perf_counter() - started - train_s, "curves": curves.rows, "eval_curves": curves.evals,
             "prompts": [e.id for e in examples], "per_prompt": evaluation}
 
 
@@ -197,19 +229,53 @@ def write(out: Path, runs, table, args, wall_s: float) -> None:
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {row['train_s']:.0f} |")
     lines += ["", "Training, first step and mean of the last 5 steps over seeds (reward under each arm's own verifier; "
               "entropy of the student on its own rollouts):", "",
-              "| method | reward | entropy (step 0) | entropy | response length | active fraction |",
-              "|---|---|---|---|---|---|"]
+              "| method | reward | entropy (step 0) | entropy | response length | active fraction | "
+              + " | ".join(key.replace("train/teacher_", "teacher ").replace("_", " ") + " (all steps)" for key in TEACHER)
+              + " |", "|---" * (6 + len(TEACHER)) + "|"]
     for arm in table:
         last = [row for r in runs if r["arm"] == arm for row in r["curves"][-5:]]
         first = [r["curves"][0] for r in runs if r["arm"] == arm and r["curves"]]
         if last:
             mean = {key: sum(row.get(key, 0.0) for row in last) / len(last) for key in CURVES}
             start = sum(row["train/entropy"] for row in first) / len(first)
+            every = [row for r in runs if r["arm"] == arm for row in r["curves"]]
+            teacher = []
+            for key in TEACHER:
+                values = [row[key] for row in every if key in row]
+                teacher.append(f"{sum(values) / len(values):.2f}" if values else "-")
             lines.append(f"| {arm} | {mean['train/reward']:.3f} | {start:.2f} | {mean['train/entropy']:.2f} | "
-                         f"{mean['train/response_len']:.1f} | {mean['train/active_fraction']:.2f} |")
+                         f"{mean['train/response_len']:.1f} | {mean['train/active_fraction']:.2f} | "
+                         + " | ".join(teacher) + " |")
+    lines += _eval_curve_lines(runs, table, k)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(out.with_suffix(".png"), runs, table, metrics)
     print("\n".join(lines))
+
+
+def eval_curves(runs, arm: str, key: str) -> List[tuple]:
+    """(step, mean over the arm's seeds) of one evaluated quantity along training, at the steps every seed has."""
+    per_seed = [{row["step"]: row[key] for row in r.get("eval_curves", []) if key in row} for r in runs if r["arm"] == arm]
+    if not per_seed or not all(per_seed):
+        return []
+    steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+    return [(step, sum(c[step] for c in per_seed) / len(per_seed)) for step in steps]
+
+
+def _eval_curve_lines(runs, table, k: int) -> List[str]:
+    keys = sorted({key for r in runs for row in r.get("eval_curves", []) for key in row
+                   if key.endswith(f"mean@{k}_lenient") or key.endswith(f"mean@{k}_strict")})
+    if not keys:
+        return []
+    lines = ["", f"Along training: sampled accuracy (mean@{k}) on each split, mean over seeds (train: the trained "
+             "questions as trained; test: the same questions, options shuffled; validation: unseen questions):", "",
+             "| method | step | " + " | ".join(key.replace("_", " (") + ")" for key in keys) + " |",
+             "|---" * (len(keys) + 2) + "|"]
+    for arm in table:
+        columns = {key: dict(eval_curves(runs, arm, key)) for key in keys}
+        for step in sorted(set().union(*columns.values())):
+            lines.append(f"| {arm} | {step} | " + " | ".join(
+                f"{columns[key][step]:.3f}" if step in columns[key] else "-" for key in keys) + " |")
+    return lines
 
 
 def plot(path: Path, runs, table, metrics: List[str]) -> None:
@@ -218,7 +284,17 @@ def plot(path: Path, runs, table, metrics: List[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    curve_keys = sorted({key for r in runs for row in r.get("eval_curves", []) for key in row
+                         if "mean@" in key and key.endswith("_lenient")})
+    fig, axes = plt.subplots(1, 4 + len(curve_keys), figsize=(5 * (4 + len(curve_keys)), 4.5))
+    for ax, key in zip(axes[4:], curve_keys):
+        for arm in table:
+            points = eval_curves(runs, arm, key)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=arm)
+        ax.set_xlabel("step")
+        ax.set_title(f"{key} (mean over seeds)")
+        ax.legend(fontsize=8)
     for ax, key in zip(axes[:3], ("train/reward", "train/entropy", "train/response_len")):
         for arm in table:
             curves = [r["curves"] for r in runs if r["arm"] == arm and r["curves"]]
@@ -260,6 +336,10 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--eval-every", type=int, default=0, metavar="N",
+                        help="also evaluate sampled accuracy on --curve-splits every N training steps (and at step 0)")
+    parser.add_argument("--curve-splits", nargs="+", choices=["train", "test", "validation"],
+                        default=["train", "test", "validation"])
     parser.add_argument("--eval-batch-size", type=int, default=25)
     parser.add_argument("-k", type=int, default=4)
     parser.add_argument("--verifiers", nargs="+", choices=["strict", "lenient"], default=["strict", "lenient"],

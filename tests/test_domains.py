@@ -353,13 +353,17 @@ def _options(example):
     return {line[0]: line[3:] for line in lines if re.match(r"^[A-D]\. ", line)}
 
 
-def test_the_invented_facts_are_seeded_and_only_the_right_option_scores():
-    """The positive control's questions: the same seed gives the same questions; the right option (drawn at random)
-    scores 1 and the others 0; the letters are balanced; the test split is the training questions, shuffled."""
-    splits, again, other = embedded("facts", seed=3), embedded("facts", seed=3), embedded("facts", seed=4)
+@pytest.mark.parametrize("domain,n_train,orders,test_orders", [("facts", 32, 1, 1), ("facts_few", 8, 8, 4)])
+def test_the_invented_facts_are_seeded_and_only_the_right_option_scores(domain, n_train, orders, test_orders):
+    """The positive control's questions (and the training control's, fewer, each trained in several orders of its
+    options): the same seed gives the same questions; the right option (drawn at random) scores 1 and the others
+    0; the letters are balanced; the test split is the training questions, shuffled; the validation ones unseen."""
+    splits, again, other = embedded(domain, seed=3), embedded(domain, seed=3), embedded(domain, seed=4)
     assert [e.messages for e in splits["train"]] == [e.messages for e in again["train"]]
     assert [e.question for e in splits["train"]] != [e.question for e in other["train"]]
-    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (32, 64, 32)
+    assert (len(splits["train"]), len(splits["validation"]), len(splits["test"])) == (n_train * orders, 64,
+                                                                                     n_train * test_orders)
+    assert len({e.id for e in splits["train"]}) == n_train * orders
     verify = get_verifier("sci", strict=False)
     for example in splits["train"] + splits["validation"] + splits["test"]:
         options = _options(example)
@@ -368,8 +372,12 @@ def test_the_invented_facts_are_seeded_and_only_the_right_option_scores():
             assert verify(f"<answer>{letter}</answer>", example.ground_truth).reward == float(letter == example.ground_truth)
     questions = {split: [e.question.splitlines()[0] for e in examples] for split, examples in splits.items()}
     assert not set(questions["train"]) & set(questions["validation"])
-    assert questions["test"] == questions["train"]  # the same questions ...
+    assert questions["test"] == questions["train"][:n_train] * test_orders  # the same questions ...
     moved = sum(a.ground_truth != b.ground_truth for a, b in zip(splits["train"], splits["test"]))
-    assert moved > 16  # ... with the right option mostly at another letter
+    assert moved > n_train // 2  # ... with the right option mostly at another letter
+    for i in range(n_train):  # a question trained in several orders: its right option at several letters
+        trained = splits["train"][i::n_train]
+        assert {e.question.splitlines()[0] for e in trained} == {questions["train"][i]}
+        assert orders == 1 or len({e.ground_truth for e in trained}) > 1
     letters = [e.ground_truth for e in splits["validation"]]
     assert min(letters.count(letter) for letter in "ABCD") >= 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
@@ -69,6 +70,8 @@ def _embedded_tool(split: str, seed: int, system_prompt: Optional[str]) -> List[
 DOMAINS: Dict[str, Domain] = {
     "sci": Domain(_embedded_sci, accepting_verl(sci.sciknoweval_example)),
     "facts": Domain(facts.generate_facts, accepting_verl(sci.sciknoweval_example)),  # the analysis's positive control
+    "facts_few": Domain(functools.partial(facts.generate_facts, n_train=8, orders=8, test_orders=4),  # learnable
+                        accepting_verl(sci.sciknoweval_example)),
     "math": Domain(_embedded_math, accepting_verl(math.math_example)),
     "code": Domain(_embedded_code, accepting_verl(code.code_example)),
     "tool": Domain(_embedded_tool, accepting_verl(tool.tool_example)),

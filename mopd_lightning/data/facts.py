@@ -13,6 +13,13 @@ answer token in the rest of the response (the analysis also scores the answer sp
 
 The splits are disjoint sets of questions, except ``test``: the training questions with their options shuffled
 again, so that a model that learned the facts during training, not the letters, answers them.
+
+The same generator, with few training questions (``facts_few``: 8, each seen many times), is the training control
+(``configs/facts_learnable.yaml``). There each question is trained in 8 orders of its options (64 training
+prompts, and 32 test ones: 4 new orders each): with one order a model learns which letter goes with the question, not the fact (SFT on successes: 0.63
+on the trained questions as trained, 0.13 with their options shuffled, after 20 steps); with the order drawn again,
+only the right option's name says which letter to write. Learning the facts is then the gap between the trained
+questions shuffled again (``test``) and unseen ones (``validation``), which no training can help.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ QUESTIONS = [  # (question about a place, what an option names)
 ]
 SUFFIXES = {"river": " River", "festival": " Festival", "founder": "", "mineral": "ite", "dish": " stew",
             "mountain": " Peak", "bird": " finch", "city": ""}
-SIZES = {"train": 32, "validation": 64}
+VALIDATION_SIZE = 64
 
 
 def _word(rng: random.Random, parts: int) -> str:
@@ -68,13 +75,17 @@ def _example(fact: Dict, example_id: str, rng: random.Random, system_prompt: Opt
     return Example(example_id, messages, LETTERS[order.index(0)], "sci", {"fact": fact["options"][0]})
 
 
-def generate_facts(split: str, seed: int, system_prompt: Optional[str] = None) -> List[Example]:
-    """One split of the invented-fact questions: ``train`` (32), ``validation`` (64 others) or ``test`` (the
-    training questions with their options shuffled again)."""
+def generate_facts(split: str, seed: int, system_prompt: Optional[str] = None, n_train: int = 32,
+                   orders: int = 1, test_orders: int = 1) -> List[Example]:
+    """One split of the invented-fact questions: ``train`` (``n_train`` questions, each in ``orders`` orders of its
+    options), ``validation`` (64 others) or ``test`` (the training questions with their options shuffled again, in
+    ``test_orders`` new orders)."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"unknown split {split!r}; expected train, validation or test")
-    facts = _facts(sum(SIZES.values()), seed)
-    train, validation = facts[:SIZES["train"]], facts[SIZES["train"]:]
+    facts = _facts(n_train + VALIDATION_SIZE, seed)
+    train, validation = facts[:n_train], facts[n_train:]
     rng = random.Random(f"facts:{seed}:{split}")
-    return [_example(fact, f"facts-{seed}-{split}-{i}", rng, system_prompt)
-            for i, fact in enumerate(validation if split == "validation" else train)]
+    if split == "validation":
+        return [_example(fact, f"facts-{seed}-{split}-{i}", rng, system_prompt) for i, fact in enumerate(validation)]
+    return [_example(fact, f"facts-{seed}-{split}-{i}" + (f"-order{order}" if order else ""), rng, system_prompt)
+            for order in range(orders if split == "train" else test_orders) for i, fact in enumerate(train)]
