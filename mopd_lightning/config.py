@@ -398,6 +398,9 @@ class LossConfig:
         backend: ``auto`` (Triton kernels on CUDA, chunked PyTorch elsewhere), ``triton`` or ``torch``.
         fused_linear: apply the output projection inside the loss, chunk by chunk, so that the full logits
             never exist (top-k always goes through the logits).
+        estimator: ``full``: the divergence over the whole vocabulary (or ``topk``) at every token; ``sampled_token``:
+            reverse KL estimated on the sampled token alone, the teacher-minus-student log-ratio as a per-token
+            advantage (the reference's ``full_logit_distillation: false``; needs ``alpha: 1`` and no ``topk``).
         tokens: ``all`` response tokens, or only the ``answer`` span the verifier read (the letter, the last
             ``\\boxed{}``, the program; a token mean over those tokens; rollouts without one get no signal): where the
             analysis finds the peers' information, on a short-answer task (README, "The positive control").
@@ -411,6 +414,7 @@ class LossConfig:
     is_clip: float = 2.0
     backend: Literal["auto", "triton", "torch"] = "auto"
     fused_linear: bool = True
+    estimator: Literal["full", "sampled_token"] = "full"
     tokens: Literal["all", "answer"] = "all"
 
     def __post_init__(self):
@@ -421,6 +425,11 @@ class LossConfig:
                  "must be null or positive")
         _require(self.topk is None or self.topk >= 1, "model.loss.topk", "must be null or >= 1")
         _require(self.is_clip >= 1, "model.loss.is_clip", "must be >= 1")
+        _require(self.estimator in ("full", "sampled_token"), "model.loss.estimator",
+                 f"is {self.estimator!r}; expected full or sampled_token")
+        _require(self.estimator == "full" or (self.alpha == 1 and self.topk is None), "model.loss.estimator",
+                 f"sampled_token estimates reverse KL on the sampled token: it needs model.loss.alpha 1 (is "
+                 f"{self.alpha}) and model.loss.topk null (is {self.topk})")
         _require(self.backend in ("auto", "triton", "torch"), "model.loss.backend",
                  f"is {self.backend!r}; expected auto, triton or torch")
 

@@ -5,13 +5,14 @@ Per token, with S and T the student and teacher distributions (both logits divid
 teacher's by ``teacher_temperature`` when set):
 ``alpha = 0`` is forward KL(T || S), ``alpha = 1`` reverse KL(S || T), and in between the generalized
 Jensen-Shannon divergence ``(1 - alpha) KL(S || M) + alpha KL(T || M)`` with ``M = (1 - alpha) S + alpha T``.
-The module hands over final hidden states and output projections; with ``fused_linear`` the kernel applies
+With ``estimator: sampled_token`` the reverse KL is instead estimated on the sampled token alone (a per-token
+advantage). The module hands over final hidden states and output projections; with ``fused_linear`` the kernel applies
 the projection chunk by chunk, so the ``(tokens x vocabulary)`` logits never exist.
 """
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.utils.checkpoint
@@ -21,9 +22,13 @@ from .config import LossConfig
 
 
 def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
-                      teacher_weight: torch.Tensor, weights: torch.Tensor, config: LossConfig
-                      ) -> torch.Tensor:
-    """Sum over tokens of ``weights * divergence``."""
+                      teacher_weight: torch.Tensor, weights: torch.Tensor, config: LossConfig,
+                      tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum over tokens of ``weights * divergence`` (``tokens``: the sampled ones, read by the sampled-token
+    estimate alone)."""
+    if config.estimator == "sampled_token":
+        return sampled_token_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, weights,
+                                        tokens, config)
     common = dict(alpha=config.alpha, temperature=config.temperature, teacher_temperature=config.teacher_temperature,
                   weights=weights, reduction="sum", backend=config.backend)
     if config.fused_linear and config.topk is None:
@@ -33,6 +38,23 @@ def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor
         teacher_logits = teacher_hidden @ teacher_weight.T
     return generalized_jsd(student_hidden @ student_weight.T, teacher_logits, topk=config.topk, tail=config.tail,
                            **common)
+
+
+def sampled_token_reverse_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                             teacher_weight: torch.Tensor, weights: torch.Tensor, tokens: torch.Tensor,
+                             config: LossConfig) -> torch.Tensor:
+    """Reverse KL(S || T) estimated on the sampled tokens alone (the reference's ``full_logit_distillation: false``,
+    TRL's ``sampled_token``): per token ``log S(y) - log T(y)``, whose gradient is the score-function one,
+    ``(log S(y) - log T(y)) * grad log S(y)``: the teacher-minus-student log-ratio as a per-token advantage. Its value is
+    the estimate; only the sampled token's probability moves, not the rest of the distribution."""
+    if tokens is None:
+        raise ValueError("the sampled-token estimate needs the sampled tokens")
+    student = token_logprobs(student_hidden, student_weight, tokens, temperature=config.temperature)
+    with torch.no_grad():
+        teacher = token_logprobs(teacher_hidden, teacher_weight, tokens,
+                                 temperature=config.teacher_temperature or config.temperature)
+    ratio = (student - teacher).detach()
+    return (weights * (ratio + ratio * (student - student.detach()))).sum()
 
 
 @torch.no_grad()

@@ -149,7 +149,7 @@ class Distillation(Objective):
         if self.config.tokens == "answer":
             weights = weights * batch.at_positions([signal.answer_positions[r] for r in batch.rows])
         return distillation_loss(batch.hidden, batch.weight, teacher_hidden, signal.teacher_weight,
-                                 batch.weighted(weights), self.config)
+                                 batch.weighted(weights), self.config, batch.tokens)
 
 
 def group_advantages(rollouts: Rollouts, config: GRPOConfig) -> List[float]:

@@ -64,6 +64,42 @@ def test_loss_matches_float64_reference(alpha, topk, tail, fused, temperature, t
     assert hidden.grad[~keep].abs().max() == 0  # masked tokens get no gradient
 
 
+@pytest.mark.parametrize("teacher_temperature", [None, 0.5])
+def test_the_sampled_token_estimate_is_reverse_kl_on_the_sampled_token_with_its_score_function_gradient(
+        teacher_temperature):
+    """Value: sum of w (log S(y) - log T(y)); gradient: sum of w (log S(y) - log T(y)) grad log S(y), both against float64
+    formulas; a masked token contributes neither. Its expectation over y ~ S is the full reverse KL (checked
+    exactly, by summing over every token of the vocabulary weighted by S)."""
+    hidden, weight, teacher_hidden, teacher_weight = make_inputs()
+    tokens = torch.tensor([3, 7, 0, 49, 12, 5, 5])
+    weights = torch.tensor([1.0, 0.0, 1.0, 2.0, 0.0, 1.0, 0.5])
+    config = LossConfig(estimator="sampled_token", alpha=1.0, teacher_temperature=teacher_temperature)
+    loss = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config, tokens)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    log_s = torch.log_softmax(h64 @ w64.T, -1)
+    log_t = torch.log_softmax((teacher_hidden @ teacher_weight.T).double() / (teacher_temperature or 1.0), -1)
+    picked_s, picked_t = log_s.gather(-1, tokens[:, None])[:, 0], log_t.gather(-1, tokens[:, None])[:, 0]
+    ratio = (picked_s - picked_t).detach()
+    torch.testing.assert_close(loss.double(), (weights.double() * ratio).sum(), rtol=1e-5, atol=1e-6)
+    (weights.double() * ratio * picked_s).sum().backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    assert hidden.grad[weights == 0].abs().max() == 0
+    # unbiased: E_{y ~ S}[log S(y) - log T(y)] is KL(S || T), the full-vocabulary loss at alpha 1
+    every = torch.arange(log_s.shape[1])
+    expectation = sum(log_s.exp()[:, y] * (log_s[:, y] - log_t[:, y]) for y in every)
+    full = LossConfig(alpha=1.0, teacher_temperature=teacher_temperature, backend="torch")
+    kl = distillation_loss(hidden.detach(), weight.detach(), teacher_hidden, teacher_weight, torch.ones(7), full)
+    torch.testing.assert_close(expectation.sum().float(), kl, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings", [dict(alpha=0.5), dict(alpha=1.0, topk=100)])
+def test_the_sampled_token_estimate_refuses_what_it_does_not_estimate(settings):
+    with pytest.raises(Exception, match="model.loss.estimator: sampled_token"):
+        LossConfig(estimator="sampled_token", **settings)
+
+
 def test_fused_and_unfused_paths_agree():
     hidden, weight, teacher_hidden, teacher_weight = make_inputs(n=33, v=300, h=16, seed=3)
     weights = torch.rand(33)

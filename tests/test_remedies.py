@@ -43,7 +43,7 @@ def test_the_teacher_temperature_reaches_every_distillation_loss(tiny_model, ext
                                   "peers": PeerConfig(require_success=False)})
     run(module)
     assert calls, "no distillation loss was computed"
-    for hidden, weight, teacher_hidden, teacher_weight, weights, config in calls:
+    for hidden, weight, teacher_hidden, teacher_weight, weights, config, _ in calls:
         assert config.teacher_temperature == 0.5
         if not weights.any():
             continue
@@ -57,3 +57,31 @@ def test_the_teacher_temperature_reaches_every_distillation_loss(tiny_model, ext
             m = torch.logsumexp(torch.stack([s, t]) + torch.tensor(0.5).log(), 0)
             per_token = 0.5 * (s.exp() * (s - m)).sum(-1) + 0.5 * (t.exp() * (t - m)).sum(-1)
             torch.testing.assert_close(sharp.double(), (per_token * weights.double()).sum(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,method,lora", [(k, m, lora) for k, m, lora, fused in GRID if fused])
+def test_the_sampled_token_estimate_trains_every_distillation_method(tiny_model, external_model, monkeypatch, kind,
+                                                                    method, lora):
+    """``model.loss.estimator: sampled_token`` reaches each distillation call with the step's sampled tokens, and its
+    value there is the reverse-KL estimate: the student's minus the teacher's log-prob of those tokens."""
+    import mopd_lightning.objectives as objectives
+    from mopd_lightning.loss import token_logprobs
+
+    calls = []
+
+    def recording(*args):
+        calls.append([a.detach().clone() if torch.is_tensor(a) else a for a in args])
+        return distillation_loss(*args)
+
+    monkeypatch.setattr(objectives, "distillation_loss", recording)
+    loss = LossConfig(estimator="sampled_token", alpha=1.0, teacher_temperature=0.7)
+    module = built(tiny_model, **{**settings(kind, method, lora, external_model), "loss": loss,
+                                  "peers": PeerConfig(require_success=False)})
+    trainer = run(module)
+    assert calls and torch.isfinite(trainer.logged_metrics["train/loss"])
+    for hidden, weight, teacher_hidden, teacher_weight, weights, config, tokens in calls:
+        assert config.estimator == "sampled_token" and tokens.shape[0] == hidden.shape[0]
+        value = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config, tokens)
+        expected = (weights * (token_logprobs(hidden, weight, tokens)
+                               - token_logprobs(teacher_hidden, teacher_weight, tokens, temperature=0.7))).sum()
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)

@@ -291,9 +291,9 @@ def distillation_weights(monkeypatch):
     seen = []
     real_loss = objectives.distillation_loss
 
-    def recording_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config):
+    def recording_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, *rest):
         seen.append(weights.clone())
-        return real_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, config)
+        return real_loss(student_hidden, student_weight, teacher_hidden, teacher_weight, weights, *rest)
 
     monkeypatch.setattr(objectives, "distillation_loss", recording_loss)
     return seen
