@@ -353,7 +353,7 @@ def _options(example):
     return {line[0]: line[3:] for line in lines if re.match(r"^[A-D]\. ", line)}
 
 
-@pytest.mark.parametrize("domain,n_train,orders,test_orders", [("facts", 32, 1, 1), ("facts_few", 8, 8, 4)])
+@pytest.mark.parametrize("domain,n_train,orders,test_orders", [("facts", 32, 1, 1), ("facts_few", 8, 16, 4)])
 def test_the_invented_facts_are_seeded_and_only_the_right_option_scores(domain, n_train, orders, test_orders):
     """The positive control's questions (and the training control's, fewer, each trained in several orders of its
     options): the same seed gives the same questions; the right option (drawn at random) scores 1 and the others

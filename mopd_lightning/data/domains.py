@@ -70,7 +70,7 @@ def _embedded_tool(split: str, seed: int, system_prompt: Optional[str]) -> List[
 DOMAINS: Dict[str, Domain] = {
     "sci": Domain(_embedded_sci, accepting_verl(sci.sciknoweval_example)),
     "facts": Domain(facts.generate_facts, accepting_verl(sci.sciknoweval_example)),  # the analysis's positive control
-    "facts_few": Domain(functools.partial(facts.generate_facts, n_train=8, orders=8, test_orders=4),  # learnable
+    "facts_few": Domain(functools.partial(facts.generate_facts, n_train=8, orders=16, test_orders=4),  # learnable
                         accepting_verl(sci.sciknoweval_example)),
     "math": Domain(_embedded_math, accepting_verl(math.math_example)),
     "code": Domain(_embedded_code, accepting_verl(code.code_example)),

@@ -15,11 +15,12 @@ The splits are disjoint sets of questions, except ``test``: the training questio
 again, so that a model that learned the facts during training, not the letters, answers them.
 
 The same generator, with few training questions (``facts_few``: 8, each seen many times), is the training control
-(``configs/facts_learnable.yaml``). There each question is trained in 8 orders of its options (64 training
-prompts, and 32 test ones: 4 new orders each): with one order a model learns which letter goes with the question, not the fact (SFT on successes: 0.63
-on the trained questions as trained, 0.13 with their options shuffled, after 20 steps); with the order drawn again,
-only the right option's name says which letter to write. Learning the facts is then the gap between the trained
-questions shuffled again (``test``) and unseen ones (``validation``), which no training can help.
+(``configs/facts_learnable.yaml``). There each question is trained in 16 orders of its options (128 training
+prompts, each seen about once in a run; and 32 test ones: 4 new orders each). With one order a model learns which
+letter goes with the prompt, not the fact (SFT on successes, 20 steps: 0.63 on the trained prompts, 0.13 with their
+options shuffled); with 8 orders it still learned the prompts (40 steps: 0.41 on trained prompts, 0.22 shuffled,
+0.23 unseen). With the order drawn afresh, only the right option's name says which letter to write, and learning
+the facts is the gap between the trained questions shuffled again (``test``) and unseen ones (``validation``).
 """
 
 from __future__ import annotations
