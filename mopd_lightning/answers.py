@@ -95,11 +95,12 @@ def choice_targets(batch: Sequence[Example], rollouts: Rollouts, tokenizer, part
     targets = {}
     for r, rollout_parts in parts.items():
         example = batch[rollouts.group[r]]
-        right = str(example.ground_truth).strip().upper() if isinstance(example.ground_truth, str) else ""
+        if example.verifier != "sci" or not isinstance(example.ground_truth, str) or not rollout_parts["answer"]:
+            continue
+        right = example.ground_truth.strip().upper()
         letters = "".join(dict.fromkeys(_OPTION_LINE.findall(example.question)))
         chosen = extract_choice(rollouts.response_text[r], strict)
-        if example.verifier != "sci" or right not in letters or not chosen or chosen not in letters \
-                or not rollout_parts["answer"]:
+        if right not in letters or not chosen or chosen not in letters:
             continue
         position = rollout_parts["answer"][0]
         written = tokenizer.decode([rollouts.response_ids[r][position]])

@@ -42,7 +42,7 @@ class StudentUpdate:
         # per rollout with a teacher: the student's and the teacher's mean log-prob and entropy on its tokens, from
         # the first update's forward pass (before any change), for the step's teacher-signal metrics
         self.probes: Dict[str, Dict[int, Dict[str, Any]]] = {"student": {}, "teacher": {}}
-        self.probed: set = set()
+        self.first_update = True
 
     def run(self) -> Dict[str, Any]:
         module, rollouts = self.module, self.rollouts
@@ -76,6 +76,7 @@ class StudentUpdate:
         module = self.module
         optimizer, schedule = module.optimizers(), module.lr_schedulers()
         self.stats: Dict[str, Any] = {"loss_sums": [0.0] * len(self.objectives)}
+        self.first_update = update == 0
         self.finite, self.skipped = True, False
 
         def closure() -> None:
@@ -155,8 +156,7 @@ class StudentUpdate:
         tokens = torch.tensor([t for r in rows for t in rollouts.response_ids[r]], device=hidden.device)
         batch = MicroBatch(rows, hidden, output_weight(module.student), tokens, lengths,
                            temperature=module.sampling.temperature)
-        if not self.probed.issuperset(rows):  # the first update: before the weights move
-            self.probed.update(rows)
+        if self.first_update:  # before the weights move
             self._probe(rows, hidden, batch.weight, lengths)
         if gauge is not None:
             with torch.no_grad():
