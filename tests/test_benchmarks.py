@@ -191,3 +191,23 @@ def test_answer_token_gradient_writes_its_table(tiny_model, tmp_path):
     assert run["teacher"]["rest"]["entropy_gap"] is not None
     table = out.with_suffix(".md").read_text()
     assert "| 0 | mopd |" in table and "entropy gap: answer" in table
+
+
+def test_the_stated_fact_ceiling_reads_names_as_whole_words_and_keeps_the_question(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from stated_fact_ceiling import by_letter, by_name, names_the_right_option, options_of, stated
+
+    from mopd_lightning.data.domains import DOMAINS
+
+    example = DOMAINS["facts_few"].embedded("validation", 0, None)[0]
+    right, options = example.meta["fact"], options_of(example)
+    assert len(options) == 4 and right in options
+    assert names_the_right_option(f"I think {right.lower()}.", example) == 1.0
+    assert names_the_right_option(" ".join(options), example) == 0.0  # every option named: none chosen
+    assert names_the_right_option(f"{right}s", example) == 0.0  # not the whole word
+    wrong = next(o for o in options if o != right)
+    assert names_the_right_option(wrong, example) == 0.0
+    told = by_letter(example, stated(example)).messages[-1]["content"]
+    assert told.endswith(example.question) and right in told.split("\n\n")[0]
+    named = by_name(example, "").messages[-1]["content"]
+    assert all(o in named for o in options) and "A. " not in named

@@ -1,0 +1,138 @@
+"""Can the student use a fact once it knows it? The ceiling of the training control, measured before any training.
+
+Learning a fact of ``facts_few`` can raise accuracy only if a model that holds the fact picks its option. This
+states the fact in the prompt ("Fact: the answer to ... is Lorel.") and samples the base student on unseen questions
+of the control, with and without the statement, in two answer forms: the control's own (the option's letter, read by
+the lenient science verifier, as ``configs/facts_learnable.yaml`` reads it) and the option's name (options listed
+without letters; a response succeeds when it names exactly one option and that one is right). Where stating the fact
+does not raise accuracy, no training method can raise it by teaching the fact: the answer form, not the method, is
+what caps the control.
+
+    python benchmarks/stated_fact_ceiling.py [--config configs/facts_learnable.yaml] [--prompts 32] [-k 4]
+
+Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/stated_fact_ceiling``). The four conditions use
+the same sampling seeds per question (paired); intervals are bootstrap 95% over questions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from compare_methods import build
+from mopd_lightning.analysis import bootstrap_mean
+from mopd_lightning.data.example import Example
+from mopd_lightning.rewards import get_verifier, verify_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+_OPTION = re.compile(r"^([A-D])\. (.+)$", re.MULTILINE)
+NAME_INSTRUCTION = "Answer with the name of one option."
+
+
+def options_of(example: Example) -> List[str]:
+    """The option names in the order the question lists them."""
+    return [name for _, name in _OPTION.findall(example.question)]
+
+
+def stated(example: Example) -> str:
+    """The fact as a sentence, for the prompt."""
+    question = example.question.split("\n", 1)[0]
+    return f'Fact: the answer to "{question}" is {example.meta["fact"]}.\n\n'
+
+
+def by_name(example: Example, prefix: str) -> Example:
+    """The same question with its options listed without letters, to be answered with a name."""
+    question = example.question.split("\n", 1)[0]
+    text = f"{prefix}{question}\n\nOptions: {'; '.join(options_of(example))}.\n\n{NAME_INSTRUCTION}"
+    return dataclasses.replace(example, messages=example.messages[:-1] + [{"role": "user", "content": text}])
+
+
+def by_letter(example: Example, prefix: str) -> Example:
+    return dataclasses.replace(example, messages=example.messages[:-1] + [
+        {"role": "user", "content": prefix + example.question}])
+
+
+def names_the_right_option(response: str, example: Example) -> float:
+    """1 when the response names exactly one of the options (as whole words, case-insensitive: "Orfen" is not named
+    by "Corfen") and it is the right one."""
+    named = [name for name in options_of(example)
+             if re.search(rf"\b{re.escape(name)}\b", response, re.IGNORECASE)]
+    return float(named == [example.meta["fact"]])
+
+
+@torch.no_grad()
+def success(module, examples: List[Example], form: str, k: int, batch_size: int) -> List[float]:
+    """Per question: the share of ``k`` sampled answers that succeed."""
+    verifier = get_verifier("sci", strict=False)
+    out = []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start:start + batch_size]
+        rollouts = module.sample(batch, "test", k, module.sampling.val_temperature)
+        if form == "letter":
+            rewards = [s.reward for s in verify_batch(verifier, rollouts.response_text,
+                                                      [batch[g].ground_truth for g in rollouts.group])]
+        else:
+            rewards = [names_the_right_option(text, batch[g]) for text, g in zip(rollouts.response_text, rollouts.group)]
+        out += [sum(rewards[p * k:(p + 1) * k]) / k for p in range(len(batch))]
+    return out
+
+
+def _fmt(stat: Dict) -> str:
+    return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/facts_learnable.yaml")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("-k", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/stated_fact_ceiling"))
+    args = parser.parse_args()
+    module, data, _ = build(args.config, args.seed, [])
+    module.setup("validate")
+    module.configure_model()
+    module.eval()
+    data.setup("validate")
+    examples = data.datasets["validation"][: args.prompts]
+    if not all(len(options_of(e)) == 4 and "fact" in e.meta for e in examples):
+        raise SystemExit(f"{args.config}: its validation questions are not the invented facts' four-option questions")
+    started = time.perf_counter()
+    per_question = {}
+    for form, make in (("letter", by_letter), ("name", by_name)):
+        for told in (False, True):
+            condition = f"{form}{' + fact stated' if told else ''}"
+            per_question[condition] = success(module, [make(e, stated(e) if told else "") for e in examples],
+                                              form, args.k, args.batch_size)
+            print(f"{condition}: {sum(per_question[condition]) / len(examples):.3f}", flush=True)
+    rows = []
+    for form in ("letter", "name"):
+        plain, told = per_question[form], per_question[f"{form} + fact stated"]
+        rows.append({"form": form, "without": bootstrap_mean(plain), "with": bootstrap_mean(told),
+                     "difference": bootstrap_mean([t - p for p, t in zip(plain, told)])})
+    wall_s = time.perf_counter() - started
+    command = "python benchmarks/stated_fact_ceiling.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" if len(k) > 1 else f"-{k} {v}" for k, v in vars(args).items() if k != "out")
+    out = Path(args.out)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "per_question": per_question,
+                                                    "wall_s": wall_s, "machine": platform.platform()}, indent=1))
+    lines = [f"# Can the student use a fact it is told? (`{args.config}`, base student, seed {args.seed})", "",
+             f"{args.prompts} unseen questions x {args.k} samples each condition, the same seeds across conditions; "
+             f"2-core CPU, nothing else running; {wall_s / 60:.1f} min. Command: `{command}`.", "",
+             "| answer form | without the fact | with the fact stated | difference |", "|---|---|---|---|"]
+    lines += [f"| {r['form']} | {_fmt(r['without'])} | {_fmt(r['with'])} | {_fmt(r['difference'])} |" for r in rows]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
