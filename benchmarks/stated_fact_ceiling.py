@@ -21,6 +21,7 @@ import dataclasses
 import json
 import platform
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -42,16 +43,19 @@ def options_of(example: Example) -> List[str]:
     return [name for _, name in _OPTION.findall(example.question)]
 
 
+def question_line(example: Example) -> str:
+    """The question without its options and instruction."""
+    return example.question.split("\n", 1)[0]
+
+
 def stated(example: Example) -> str:
     """The fact as a sentence, for the prompt."""
-    question = example.question.split("\n", 1)[0]
-    return f'Fact: the answer to "{question}" is {example.meta["fact"]}.\n\n'
+    return f'Fact: the answer to "{question_line(example)}" is {example.meta["fact"]}.\n\n'
 
 
 def by_name(example: Example, prefix: str) -> Example:
     """The same question with its options listed without letters, to be answered with a name."""
-    question = example.question.split("\n", 1)[0]
-    text = f"{prefix}{question}\n\nOptions: {'; '.join(options_of(example))}.\n\n{NAME_INSTRUCTION}"
+    text = f"{prefix}{question_line(example)}\n\nOptions: {'; '.join(options_of(example))}.\n\n{NAME_INSTRUCTION}"
     return dataclasses.replace(example, messages=example.messages[:-1] + [{"role": "user", "content": text}])
 
 
@@ -120,8 +124,7 @@ def main() -> None:
         rows.append({"form": form, "without": bootstrap_mean(plain), "with": bootstrap_mean(told),
                      "difference": bootstrap_mean([t - p for p, t in zip(plain, told)])})
     wall_s = time.perf_counter() - started
-    command = "python benchmarks/stated_fact_ceiling.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" if len(k) > 1 else f"-{k} {v}" for k, v in vars(args).items() if k != "out")
+    command = " ".join(["python", "benchmarks/stated_fact_ceiling.py", *sys.argv[1:]])
     out = Path(args.out)
     out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "per_question": per_question,
                                                     "wall_s": wall_s, "machine": platform.platform()}, indent=1))
