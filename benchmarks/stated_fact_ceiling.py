@@ -1,14 +1,14 @@
 """Can the student use a fact once it knows it? The ceiling of the training control, measured before any training.
 
-Learning a fact of ``facts_few`` can raise accuracy only if a model that holds the fact picks its option. This
-states the fact in the prompt ("Fact: the answer to ... is Lorel.") and samples the base student on unseen questions
-of the control, with and without the statement, in two answer forms: the control's own (the option's letter, read by
-the lenient science verifier, as ``configs/facts_learnable.yaml`` reads it) and the option's name (options listed
-without letters; a response succeeds when it names exactly one option and that one is right). Where stating the fact
-does not raise accuracy, no training method can raise it by teaching the fact: the answer form, not the method, is
-what caps the control.
+Learning a fact of the training control can raise accuracy only if a model that holds the fact picks its option.
+This states the fact in the prompt ("Fact: the answer to ... is Lorel.") and samples the base student on unseen
+questions of the control, with and without the statement, in the control's two answer forms: by letter (domain
+``facts_few``, read by the lenient science verifier, as ``configs/facts_learnable.yaml`` reads it) and by name
+(domain ``facts_named``: options listed without letters, the lenient ``named`` verifier). Both domains draw the
+same questions with their options in the same orders. Where stating the fact does not raise accuracy, no training
+method can raise it by teaching the fact: the answer form, not the method, is what caps the control.
 
-    python benchmarks/stated_fact_ceiling.py [--config configs/facts_learnable.yaml] [--prompts 32] [-k 4]
+    python benchmarks/stated_fact_ceiling.py [--seed 0] [--prompts 32] [-k 4]
 
 Writes ``<out>.json`` and ``<out>.md`` (default ``benchmarks/results/stated_fact_ceiling``). The four conditions use
 the same sampling seeds per question (paired); intervals are bootstrap 95% over questions.
@@ -20,27 +20,22 @@ import argparse
 import dataclasses
 import json
 import platform
-import re
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import torch
 
 from compare_methods import build
 from mopd_lightning.analysis import bootstrap_mean
+from mopd_lightning.data.domains import DOMAINS
 from mopd_lightning.data.example import Example
 from mopd_lightning.rewards import get_verifier, verify_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-_OPTION = re.compile(r"^([A-D])\. (.+)$", re.MULTILINE)
-NAME_INSTRUCTION = "Answer with the name of one option."
-
-
-def options_of(example: Example) -> List[str]:
-    """The option names in the order the question lists them."""
-    return [name for _, name in _OPTION.findall(example.question)]
+FORMS = {"letter": "facts_few", "name": "facts_named"}
+"""Each answer form's domain: the same questions, asked for a letter or for a name."""
 
 
 def question_line(example: Example) -> str:
@@ -48,43 +43,23 @@ def question_line(example: Example) -> str:
     return example.question.split("\n", 1)[0]
 
 
-def stated(example: Example) -> str:
-    """The fact as a sentence, for the prompt."""
-    return f'Fact: the answer to "{question_line(example)}" is {example.meta["fact"]}.\n\n'
-
-
-def by_name(example: Example, prefix: str) -> Example:
-    """The same question with its options listed without letters, to be answered with a name."""
-    text = f"{prefix}{question_line(example)}\n\nOptions: {'; '.join(options_of(example))}.\n\n{NAME_INSTRUCTION}"
-    return dataclasses.replace(example, messages=example.messages[:-1] + [{"role": "user", "content": text}])
-
-
-def by_letter(example: Example, prefix: str) -> Example:
+def stated(example: Example) -> Example:
+    """The same example with its fact stated as a sentence before the question."""
+    fact = f'Fact: the answer to "{question_line(example)}" is {example.meta["fact"]}.\n\n'
     return dataclasses.replace(example, messages=example.messages[:-1] + [
-        {"role": "user", "content": prefix + example.question}])
-
-
-def names_the_right_option(response: str, example: Example) -> float:
-    """1 when the response names exactly one of the options (as whole words, case-insensitive: "Orfen" is not named
-    by "Corfen") and it is the right one."""
-    named = [name for name in options_of(example)
-             if re.search(rf"\b{re.escape(name)}\b", response, re.IGNORECASE)]
-    return float(named == [example.meta["fact"]])
+        {"role": "user", "content": fact + example.question}])
 
 
 @torch.no_grad()
-def success(module, examples: List[Example], form: str, k: int, batch_size: int) -> List[float]:
-    """Per question: the share of ``k`` sampled answers that succeed."""
-    verifier = get_verifier("sci", strict=False)
+def success(module, examples: List[Example], k: int, batch_size: int) -> List[float]:
+    """Per question: the share of ``k`` sampled answers that the question's own verifier (lenient) accepts."""
     out = []
     for start in range(0, len(examples), batch_size):
         batch = examples[start:start + batch_size]
         rollouts = module.sample(batch, "test", k, module.sampling.val_temperature)
-        if form == "letter":
-            rewards = [s.reward for s in verify_batch(verifier, rollouts.response_text,
-                                                      [batch[g].ground_truth for g in rollouts.group])]
-        else:
-            rewards = [names_the_right_option(text, batch[g]) for text, g in zip(rollouts.response_text, rollouts.group)]
+        scores = verify_batch(get_verifier(batch[0].verifier, strict=False), rollouts.response_text,
+                              [batch[g].ground_truth for g in rollouts.group])
+        rewards = [score.reward for score in scores]
         out += [sum(rewards[p * k:(p + 1) * k]) / k for p in range(len(batch))]
     return out
 
@@ -95,7 +70,7 @@ def _fmt(stat: Dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default="configs/facts_learnable.yaml")
+    parser.add_argument("--config", default="configs/facts_learnable.yaml", help="the student and its sampling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("-k", type=int, default=4)
@@ -106,20 +81,17 @@ def main() -> None:
     module.setup("validate")
     module.configure_model()
     module.eval()
-    data.setup("validate")
-    examples = data.datasets["validation"][: args.prompts]
-    if not all(len(options_of(e)) == 4 and "fact" in e.meta for e in examples):
-        raise SystemExit(f"{args.config}: its validation questions are not the invented facts' four-option questions")
     started = time.perf_counter()
     per_question = {}
-    for form, make in (("letter", by_letter), ("name", by_name)):
+    for form, domain in FORMS.items():
+        examples = DOMAINS[domain].embedded("validation", data.seed, data.system_prompt)[: args.prompts]
         for told in (False, True):
             condition = f"{form}{' + fact stated' if told else ''}"
-            per_question[condition] = success(module, [make(e, stated(e) if told else "") for e in examples],
-                                              form, args.k, args.batch_size)
+            per_question[condition] = success(module, [stated(e) if told else e for e in examples], args.k,
+                                              args.batch_size)
             print(f"{condition}: {sum(per_question[condition]) / len(examples):.3f}", flush=True)
     rows = []
-    for form in ("letter", "name"):
+    for form in FORMS:
         plain, told = per_question[form], per_question[f"{form} + fact stated"]
         rows.append({"form": form, "without": bootstrap_mean(plain), "with": bootstrap_mean(told),
                      "difference": bootstrap_mean([t - p for p, t in zip(plain, told)])})

@@ -193,21 +193,21 @@ def test_answer_token_gradient_writes_its_table(tiny_model, tmp_path):
     assert "| 0 | mopd |" in table and "entropy gap: answer" in table
 
 
-def test_the_stated_fact_ceiling_reads_names_as_whole_words_and_keeps_the_question(monkeypatch):
+def test_the_stated_fact_ceiling_asks_the_same_questions_in_both_forms_and_states_the_fact(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    from stated_fact_ceiling import by_letter, by_name, names_the_right_option, options_of, stated
+    from stated_fact_ceiling import FORMS, question_line, stated
 
     from mopd_lightning.data.domains import DOMAINS
+    from mopd_lightning.rewards import get_verifier
 
-    example = DOMAINS["facts_few"].embedded("validation", 0, None)[0]
-    right, options = example.meta["fact"], options_of(example)
-    assert len(options) == 4 and right in options
-    assert names_the_right_option(f"I think {right.lower()}.", example) == 1.0
-    assert names_the_right_option(" ".join(options), example) == 0.0  # every option named: none chosen
-    assert names_the_right_option(f"{right}s", example) == 0.0  # not the whole word
-    wrong = next(o for o in options if o != right)
-    assert names_the_right_option(wrong, example) == 0.0
-    told = by_letter(example, stated(example)).messages[-1]["content"]
-    assert told.endswith(example.question) and right in told.split("\n\n")[0]
-    named = by_name(example, "").messages[-1]["content"]
-    assert all(o in named for o in options) and "A. " not in named
+    letter, name = (DOMAINS[FORMS[form]].embedded("validation", 0, None)[:8] for form in ("letter", "name"))
+    for by_letter, by_name in zip(letter, name):
+        assert question_line(by_letter) == question_line(by_name) and by_letter.meta == by_name.meta
+        right = by_letter.meta["fact"]
+        listed = by_name.ground_truth["options"]
+        assert by_letter.question.index(right) > 0 and [o for o in listed if o in by_letter.question] == listed
+        told = stated(by_name)
+        assert told.question.endswith(by_name.question) and right in told.question.split("\n\n")[0]
+        assert told.ground_truth == by_name.ground_truth  # the fact is stated, the answer still read the same way
+        verify = get_verifier(told.verifier, strict=False)
+        assert verify(f"It is {right}.", told.ground_truth).reward == 1.0  # the bug this replaces: always 0

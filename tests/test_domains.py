@@ -311,6 +311,9 @@ VERL_ROWS = [  # (row, a response that is right)
     (verl_row("toolalpaca", "", "Search dune.",
               json.dumps([{"Action": "search", "Action_Input": "{\"q\": \"dune\"}"}])),
      "Action: search\nAction Input: {\"q\": \"dune\"}"),
+    (verl_row("invented", "named", "Which river? Options: Ulel River; Arhar River.",
+              json.dumps({"answer": "Arhar River", "options": ["Ulel River", "Arhar River"]})),
+     "<answer>Arhar River</answer>"),
 ]
 
 
@@ -323,14 +326,14 @@ def verl_parquet(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("domain", ["sci", "math", "code", "tool"])
+@pytest.mark.parametrize("domain", ["sci", "math", "code", "tool", "facts_named"])
 def test_verl_parquet_rows_work_in_every_domain(verl_parquet, domain):
     examples = load(domain, verl_parquet, system_prompt="Default system.")
-    assert [e.verifier for e in examples] == ["math", "math", "code", "code", "sci", "tool", "tool"]
+    assert [e.verifier for e in examples] == ["math", "math", "code", "code", "sci", "tool", "tool", "named"]
     assert examples[0].messages[0] == {"role": "system", "content": "Be brief."}  # the row's own system message
     assert examples[1].messages[0] == {"role": "system", "content": "Default system."}
     assert examples[3].ground_truth["kind"] == "functional" and examples[3].ground_truth["fn_name"] == "join"
-    for verifier in ("math", "code", "sci", "tool"):
+    for verifier in ("math", "code", "sci", "tool", "named"):
         chosen = [(e, response) for e, (_, response) in zip(examples, VERL_ROWS) if e.verifier == verifier]
         scores = verify_batch(verifier, [r for _, r in chosen], [e.ground_truth for e, _ in chosen])
         assert [s.reward for s in scores] == [1.0] * len(chosen), (verifier, scores)
@@ -340,6 +343,7 @@ def test_verl_parquet_rows_work_in_every_domain(verl_parquet, domain):
     ({"reward_model": {"style": "rule", "ground_truth": None}}, "reward_model.ground_truth"),
     ({"data_source": "poetry", "ability": "rhyme"}, "field 'data_source'"),
     ({"prompt": []}, "field 'prompt'"),
+    ({"ability": "named"}, "reward_model.ground_truth.*answer"),  # "42" names no options
 ])
 def test_bad_verl_rows_name_the_field(tmp_path, change, field):
     path = tmp_path / "rows.jsonl"
@@ -381,3 +385,32 @@ def test_the_invented_facts_are_seeded_and_only_the_right_option_scores(domain, 
         assert orders == 1 or len({e.ground_truth for e in trained}) > 1
     letters = [e.ground_truth for e in splits["validation"]]
     assert min(letters.count(letter) for letter in "ABCD") >= 8
+
+
+def test_the_named_facts_ask_the_letter_forms_questions_in_the_same_orders():
+    """``facts_named`` is ``facts_few`` answered by name: the same questions, their options in the same orders (so
+    the two forms compare on the same prompts), listed without letters."""
+    named, lettered = embedded("facts_named"), embedded("facts_few")
+    for split in SPLITS:
+        assert len(named[split]) == len(lettered[split])
+        for by_name, by_letter in zip(named[split], lettered[split]):
+            assert by_name.question.splitlines()[0] == by_letter.question.splitlines()[0]
+            assert by_name.ground_truth["options"] == list(_options(by_letter).values())
+            assert by_name.ground_truth["answer"] == by_letter.meta["fact"] == _options(by_letter)[by_letter.ground_truth]
+            assert by_name.verifier == "named" and not re.search(r"^[A-D]\. ", by_name.question, re.MULTILINE)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"options": ["A x", "B y"], "answer": "B y"}, "field 'question'"),
+    ({"question": "Q?", "options": "A x; B y", "answer": "B y"}, "fields 'options' and 'answer'"),
+    ({"question": "Q?", "options": ["A x", "B y"], "answer": "C z"}, "fields 'options' and 'answer'"),
+])
+def test_named_rows_are_read_and_bad_ones_name_the_field(tmp_path, row, field):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(path, [{"question": "Which?", "options": ["Ulel River", "Arhar River"], "answer": "Arhar River"}, row])
+    with pytest.raises(DataError, match=f"rows.jsonl:2: .*{field}"):
+        load("facts_named", path)
+    write_jsonl(path, [{"question": "Which?", "options": ["Ulel River", "Arhar River"], "answer": "Arhar River"}])
+    (example,) = load("facts_named", path)
+    assert get_verifier("named")("<answer>Arhar River</answer>", example.ground_truth).reward == 1.0
+    assert "Options: Ulel River; Arhar River." in example.question

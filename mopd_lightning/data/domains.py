@@ -72,6 +72,8 @@ DOMAINS: Dict[str, Domain] = {
     "facts": Domain(facts.generate_facts, accepting_verl(sci.sciknoweval_example)),  # the analysis's positive control
     "facts_few": Domain(functools.partial(facts.generate_facts, n_train=8, orders=16, test_orders=4),  # learnable
                         accepting_verl(sci.sciknoweval_example)),
+    "facts_named": Domain(functools.partial(facts.generate_facts, n_train=8, orders=16, test_orders=4, named=True),
+                          accepting_verl(facts.named_example)),  # facts_few answered by name
     "math": Domain(_embedded_math, accepting_verl(math.math_example)),
     "code": Domain(_embedded_code, accepting_verl(code.code_example)),
     "tool": Domain(_embedded_tool, accepting_verl(tool.tool_example)),

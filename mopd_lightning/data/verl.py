@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from ..rewards.named import read_ground_truth
 from .code import code_truth
 from .example import DataError, Example
 from .tool import tool_ground_truth
@@ -20,6 +21,7 @@ ABILITIES = {
     "math": "math", "code": "code", "coding": "code",
     "sci": "sci", "mcq": "sci", "science": "sci", "multiple_choice": "sci",
     "tool": "tool", "tooluse": "tool", "tool_use": "tool", "function_calling": "tool",
+    "named": "named",
 }
 """``ability`` values that name a verifier (lower-cased)."""
 DATA_SOURCES = (  # (verifier, words a lower-cased data_source contains); the first match wins
@@ -57,19 +59,34 @@ def _math_truth(value: Any, field: str) -> str:
     return value.strip()
 
 
-def _sci_truth(value: Any, field: str) -> Any:
+def _parsed(value: Any, field: str) -> Any:
+    """A ground truth stored as a JSON object in a string (as parquet files often hold it), parsed."""
     if isinstance(value, str) and value.strip().startswith("{"):
         try:
-            value = json.loads(value)
+            return json.loads(value)
         except ValueError:
             raise DataError(f"field {field!r} is not valid JSON") from None
+    return value
+
+
+def _sci_truth(value: Any, field: str) -> Any:
+    value = _parsed(value, field)
     if isinstance(value, bool) or isinstance(value, Mapping) or (isinstance(value, str) and value.strip()):
         return value
     raise DataError(f"field {field!r} must be an answer letter, a truth value or an object with 'answerKey'")
 
 
+def _named_truth(value: Any, field: str) -> Any:
+    value = _parsed(value, field)
+    try:
+        read_ground_truth(value)
+    except ValueError as error:
+        raise DataError(f"field {field!r}: {error}") from None
+    return value
+
+
 GROUND_TRUTHS: Dict[str, Callable[[Any, str], Any]] = {
-    "math": _math_truth, "code": code_truth, "sci": _sci_truth, "tool": tool_ground_truth,
+    "math": _math_truth, "code": code_truth, "sci": _sci_truth, "tool": tool_ground_truth, "named": _named_truth,
 }
 
 

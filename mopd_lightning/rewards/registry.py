@@ -14,6 +14,7 @@ from . import code, math, sci, tool
 from .base import Verifier
 from .code import CodeVerifier
 from .math import verify_math, verify_math_lenient
+from .named import verify_named, verify_named_lenient
 from .sci import verify_sci, verify_sci_lenient
 from .tool import ToolVerifier
 
@@ -22,6 +23,7 @@ VERIFIERS: Dict[str, Callable[[bool, str], Verifier]] = {
     "math": lambda strict, sandbox: verify_math if strict else verify_math_lenient,
     "code": lambda strict, sandbox: CodeVerifier(sandbox=sandbox),
     "tool": lambda strict, sandbox: ToolVerifier(),
+    "named": lambda strict, sandbox: verify_named if strict else verify_named_lenient,
 }
 
 
