@@ -70,8 +70,9 @@ def rollout_parts(batch: Sequence[Example], rollouts: Rollouts, tokenizer, stric
     without an answer span has none)."""
     parts = {}
     for r in rows:
-        find_span = ANSWER_SPANS.get(batch[rollouts.group[r]].verifier)
-        span = find_span(rollouts.response_text[r], strict) if find_span else None
+        example = batch[rollouts.group[r]]
+        find_span = ANSWER_SPANS.get(example.verifier)
+        span = find_span(rollouts.response_text[r], strict, example.ground_truth) if find_span else None
         parts[r] = response_parts(tokenizer, rollouts.response_ids[r], rollouts.finished[r], span)
     return parts
 

@@ -149,7 +149,7 @@ def test_distillation_on_the_answer_alone_is_the_divergence_of_its_tokens():
 def test_distillation_on_the_answer_trains_only_rollouts_with_one(tiny_model, monkeypatch):
     from mopd_lightning.rewards.registry import ANSWER_SPANS
 
-    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict: (0, 2) if len(text) % 3 else None)
+    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict, truth: (0, 2) if len(text) % 3 else None)
     module = make(tiny_model, "mopd", loss=LossConfig(tokens="answer"))
     batch = examples(2)
     rollouts = module.sample(batch, "train", 4, 1.0)

@@ -1,7 +1,7 @@
 """Verifiers: score a model response against a ground truth, per domain.
 
 ``get_verifier(name)`` returns a callable ``(response, ground_truth) -> Score`` for ``"sci"``, ``"math"``,
-``"code"`` and ``"tool"`` (the table is :data:`registry.VERIFIERS`); ``verify_batch`` scores many rollouts in
+``"code"``, ``"tool"`` and ``"named"`` (the table is :data:`registry.VERIFIERS`); ``verify_batch`` scores many rollouts in
 parallel. Running code is :mod:`mopd_lightning.execution`'s business.
 """
 

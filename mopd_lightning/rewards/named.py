@@ -14,15 +14,19 @@ lenient reads that tag where there is one, else the whole response.
 from __future__ import annotations
 
 import re
-from typing import Any, List, Mapping, Sequence
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from .base import Score
-from .sci import last_answer_tag
+from .sci import answer_tag_span, last_answer_tag
+
+
+def _mention(name: str) -> "re.Pattern[str]":
+    return re.compile(rf"(?<!\w){re.escape(name)}(?!\w)", re.IGNORECASE)
 
 
 def named_options(text: str, options: Sequence[str]) -> List[str]:
     """The options that ``text`` names, as whole words, in the order they are listed."""
-    return [name for name in options if re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text, re.IGNORECASE)]
+    return [name for name in options if _mention(name).search(text)]
 
 
 def read_ground_truth(ground_truth: Any) -> tuple[str, List[str]]:
@@ -61,6 +65,23 @@ def verify_named(response: str, ground_truth: Any, strict: bool = True) -> Score
 def verify_named_lenient(response: str, ground_truth: Any) -> Score:
     """:func:`verify_named` that reads a response without an answer tag as a whole."""
     return verify_named(response, ground_truth, strict=False)
+
+
+def answer_span(response: str, strict: bool, ground_truth: Any) -> Optional[Tuple[int, int]]:
+    """Where the verifier read the answer: the last answer tag's text; untagged (lenient), the last mention of the
+    one option the response names. None where it reads no answer, or (untagged) several options."""
+    span = answer_tag_span(response)
+    if span is not None or strict:
+        return span
+    try:
+        _, options = read_ground_truth(ground_truth)
+    except ValueError:
+        return None
+    named = named_options(response, options)
+    if len(named) != 1:
+        return None
+    *_, last = _mention(named[0]).finditer(response)
+    return last.span()
 
 
 verify_named.executor = verify_named_lenient.executor = "inline"

@@ -8,9 +8,9 @@ counts: ``model.verifier.strict``) and ``sandbox`` (the least isolation code may
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
-from . import code, math, sci, tool
+from . import code, math, named, sci, tool
 from .base import Verifier
 from .code import CodeVerifier
 from .math import verify_math, verify_math_lenient
@@ -27,11 +27,20 @@ VERIFIERS: Dict[str, Callable[[bool, str], Verifier]] = {
 }
 
 
-ANSWER_SPANS: Dict[str, Callable[[str, bool], Optional[Tuple[int, int]]]] = {
-    "sci": sci.answer_span, "math": math.answer_span, "code": code.answer_span, "tool": tool.answer_span,
+AnswerSpan = Callable[[str, bool, Any], Optional[Tuple[int, int]]]
+
+
+def _without_truth(find: Callable[[str, bool], Optional[Tuple[int, int]]]) -> AnswerSpan:
+    """A reader whose answer's place does not depend on the ground truth."""
+    return lambda response, strict, ground_truth: find(response, strict)
+
+
+ANSWER_SPANS: Dict[str, AnswerSpan] = {
+    "sci": _without_truth(sci.answer_span), "math": _without_truth(math.answer_span),
+    "code": _without_truth(code.answer_span), "tool": _without_truth(tool.answer_span), "named": named.answer_span,
 }
-"""Where each verifier reads the answer in a response (character offsets, given ``strict``), for the analysis's
-answer-span score and ``model.loss.tokens: answer``; a domain without an entry has its whole response scored as the
+"""Where each verifier reads the answer in a response (character offsets, given ``strict`` and the ground truth:
+a name is found among the options), for the analysis's answer-span score and ``model.loss.tokens: answer``; a domain without an entry has its whole response scored as the
 rest in the analysis, and is refused by the answer-span loss."""
 
 

@@ -48,3 +48,18 @@ def test_every_embedded_named_question_scores_only_its_right_option():
                 assert option in example.question and "A. " not in example.question
                 assert verify(f"<answer>{option}</answer>", example.ground_truth).reward == float(
                     option == example.meta["fact"])
+
+
+@pytest.mark.parametrize("response,strict,read", [
+    ("Think. <answer> Jorel Festival </answer>", True, "Jorel Festival"),
+    ("Jorel Festival, I think: Jorel Festival.", False, "Jorel Festival"),  # the last mention
+    ("Jorel Festival", True, None),  # strict reads only the tag
+    ("Beldun Festival or Jorel Festival", False, None),  # several options: no answer read
+    ("Jorel", False, None),
+])
+def test_the_answer_span_is_where_the_name_was_read(response, strict, read):
+    from mopd_lightning.rewards.registry import ANSWER_SPANS
+
+    found = ANSWER_SPANS["named"](response, strict, TRUTH)
+    assert (response[found[0]:found[1]].strip() if found else None) == read
+    assert ANSWER_SPANS["named"](response, False, None) == (found if "<answer>" in response else None)

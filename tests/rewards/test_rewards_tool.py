@@ -143,7 +143,7 @@ def test_the_answer_span_is_where_the_calls_were_read(response, spans):
     first call read to the last, whatever format carried them; none without a call."""
     from mopd_lightning.rewards.registry import ANSWER_SPANS
 
-    found = ANSWER_SPANS["tool"](response, True)
+    found = ANSWER_SPANS["tool"](response, True, None)
     assert (response[found[0]:found[1]] if found else None) == spans
 
 
