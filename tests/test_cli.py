@@ -275,7 +275,7 @@ def test_the_paper_scale_fsdp_config_parses(tmp_path):
     assert "ModelParallelStrategy" in printed and "backend: vllm" in printed and "num_nodes: 2" in printed
 
 
-DOMAIN_CONFIGS = ["sci.yaml", "math.yaml", "code.yaml", "tool.yaml", "peer_control.yaml"]
+DOMAIN_CONFIGS = ["sci.yaml", "math.yaml", "code.yaml", "tool.yaml", "peer_control.yaml", "facts_learnable.yaml"]
 METHODS = ["mopd", "opd", "teacher_opd", "grpo", "sft_success", "dpo", "simpo"]
 
 
