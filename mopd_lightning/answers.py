@@ -12,6 +12,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .config import ConfigError
 from .data.example import Example
+from .rewards.named import named_options, read_ground_truth
 from .rewards.registry import ANSWER_SPANS
 from .rewards.sci import extract_choice
 from .rollouts import Rollouts
@@ -80,34 +81,71 @@ def rollout_parts(batch: Sequence[Example], rollouts: Rollouts, tokenizer, stric
 @dataclass(frozen=True)
 class ChoiceTarget:
     """At ``position`` (the first token of a rollout's answer), the token that would name each option in the place
-    of the one written (``options[i]`` names letter ``letters[i]``); ``right`` indexes the right one."""
+    of the one written (``options[i]`` names ``labels[i]``: a letter, or an option's name); ``right`` indexes the
+    right one."""
 
     position: int
     options: List[int]
-    letters: str
+    labels: Tuple[str, ...]
     right: int
+
+
+def _letter_target(example: Example, response: str, written_id: int, tokenizer, strict: bool,
+                   position: int) -> Optional[ChoiceTarget]:
+    """A letter answer (options listed as ``A. ...`` lines): the written token with its letter replaced, where each
+    is one token."""
+    if not isinstance(example.ground_truth, str):
+        return None
+    right = example.ground_truth.strip().upper()
+    letters = tuple(dict.fromkeys(_OPTION_LINE.findall(example.question)))
+    chosen = extract_choice(response, strict)
+    written = tokenizer.decode([written_id])
+    if right not in letters or not chosen or chosen not in letters or written.count(chosen) != 1:
+        return None
+    options = [tokenizer.encode(written.replace(chosen, letter), add_special_tokens=False) for letter in letters]
+    if all(len(ids) == 1 for ids in options) and len({ids[0] for ids in options}) == len(letters):
+        return ChoiceTarget(position, [ids[0] for ids in options], letters, letters.index(right))
+    return None
+
+
+def _name_target(example: Example, response: str, span: Tuple[int, int], written_id: int, tokenizer,
+                 position: int) -> Optional[ChoiceTarget]:
+    """A named answer: the first token of each option's name after what the written token holds before the name
+    (a space, say); kept where the chosen name gives back the written token and the options' tokens all differ."""
+    try:
+        right, names = read_ground_truth(example.ground_truth)
+    except ValueError:
+        return None
+    chosen = named_options(response[span[0]:span[1]], names)
+    written = tokenizer.decode([written_id])
+    if len(chosen) != 1:
+        return None
+    start = next((i for i in range(len(written)) if chosen[0].lower().startswith(written[i:].lower())), None)
+    if start is None:
+        return None
+    firsts = [tokenizer.encode(written[:start] + name, add_special_tokens=False)[0] for name in names]
+    if firsts[names.index(chosen[0])] != written_id or len(set(firsts)) != len(names):
+        return None
+    return ChoiceTarget(position, firsts, tuple(names), names.index(right))
 
 
 def choice_targets(batch: Sequence[Example], rollouts: Rollouts, tokenizer, parts: Dict[int, Dict[str, List[int]]],
                    strict: bool) -> Dict[int, ChoiceTarget]:
-    """For each rollout of a multiple-choice prompt (a letter ground truth, options listed as ``A. ...`` lines) whose
-    answer's first token holds the letter it chose: the token of every option at that place (the written token
-    with its letter replaced, where that is one token). Rollouts without one are left out."""
+    """For each rollout of a multiple-choice prompt (a letter answer, or a name: verifier ``named``) whose answer's
+    first token starts the option it chose: the token of every option at that place. Rollouts without one are
+    left out."""
     targets = {}
     for r, rollout_parts in parts.items():
         example = batch[rollouts.group[r]]
-        if example.verifier != "sci" or not isinstance(example.ground_truth, str) or not rollout_parts["answer"]:
-            continue
-        right = example.ground_truth.strip().upper()
-        letters = "".join(dict.fromkeys(_OPTION_LINE.findall(example.question)))
-        chosen = extract_choice(rollouts.response_text[r], strict)
-        if right not in letters or not chosen or chosen not in letters:
+        if not rollout_parts["answer"] or example.verifier not in ("sci", "named"):
             continue
         position = rollout_parts["answer"][0]
-        written = tokenizer.decode([rollouts.response_ids[r][position]])
-        if written.count(chosen) != 1:
-            continue
-        options = [tokenizer.encode(written.replace(chosen, letter), add_special_tokens=False) for letter in letters]
-        if all(len(ids) == 1 for ids in options) and len({ids[0] for ids in options}) == len(letters):
-            targets[r] = ChoiceTarget(position, [ids[0] for ids in options], letters, letters.index(right))
+        response, written_id = rollouts.response_text[r], rollouts.response_ids[r][position]
+        if example.verifier == "sci":
+            target = _letter_target(example, response, written_id, tokenizer, strict, position)
+        else:
+            span = ANSWER_SPANS["named"](response, strict, example.ground_truth)
+            target = span and _name_target(example, response, span, written_id, tokenizer, position)
+        if target:
+            targets[r] = target
     return targets

@@ -503,9 +503,36 @@ def test_the_choice_target_is_each_options_token_where_the_answer_starts(tiny_mo
     assert set(targets) == {0, 1}
     for r, written in ((0, "B"), (1, "C")):
         target = targets[r]
-        assert target.letters == "ABCD" and target.right == 2 and target.position == parts[r]["answer"][0]
-        assert target.options[target.letters.index(written)] == ids[r][target.position]
+        assert target.labels == tuple("ABCD") and target.right == 2 and target.position == parts[r]["answer"][0]
+        assert target.options[target.labels.index(written)] == ids[r][target.position]
         assert [tokenizer.decode([t]).strip() for t in target.options] == list("ABCD")
+
+
+def test_a_named_answers_choice_target_is_each_options_first_token_where_the_name_starts(tiny_model):
+    """Answered by name (``facts_named``): at the name's first token, the first token of each option's name in its
+    place (after what that token holds before the name, a space here); none where no single option is named."""
+    from transformers import AutoTokenizer
+
+    from mopd_lightning.answers import choice_targets, rollout_parts
+    from mopd_lightning.data.example import Example
+    from mopd_lightning.rollouts import Rollouts
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    names = ["Ulel River", "Arhar River", "Rosgal River", "Beldun River"]
+    batch = [Example("q", [{"role": "user", "content": "Which river?"}], {"answer": "Arhar River", "options": names},
+                     "named")]
+    texts = ["<answer>Rosgal River</answer>", "It is Arhar River", "Ulel River or Arhar River", "no idea"]
+    ids = [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+    rollouts = Rollouts([0] * 4, [[1]] * 4, ids, texts, [False] * 4)
+    parts = rollout_parts(batch, rollouts, tokenizer, False, range(4))
+    targets = choice_targets(batch, rollouts, tokenizer, parts, False)
+    # " Arhar" and " Rosgal" start with " A" and " " + "R" in this tokenizer: the options' first tokens after a
+    # space are not all different, so the untagged answer (rollout 1) has none; two options named: none either.
+    assert set(targets) == {0}
+    target = targets[0]
+    assert target.labels == tuple(names) and target.right == 1 and target.position == parts[0]["answer"][0]
+    assert target.options[2] == ids[0][target.position]  # the written token is the chosen name's
+    assert [tokenizer.decode([t])[-1] for t in target.options] == ["U", "A", "R", "B"]
 
 
 def test_choice_mass_is_the_softmax_at_the_answer_position_at_each_temperature():
@@ -514,7 +541,7 @@ def test_choice_mass_is_the_softmax_at_the_answer_position_at_each_temperature()
 
     torch.manual_seed(0)
     hidden, weight = {0: torch.randn(5, 8)}, torch.randn(40, 8)
-    target = ChoiceTarget(position=3, options=[7, 11, 2, 30], letters="ABCD", right=1)
+    target = ChoiceTarget(position=3, options=[7, 11, 2, 30], labels=tuple("ABCD"), right=1)
     got = choice_mass(hidden, weight, {0: target, 1: target}, (1.0, 0.5))
     assert set(got) == {0}  # a rollout without hidden states is left out
     logits = (hidden[0][3].double() @ weight.double().T)
