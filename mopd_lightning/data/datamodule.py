@@ -103,8 +103,8 @@ class PromptDataModule(pl.LightningDataModule):
         """
         Args:
             domain: task family (``sci``, ``math``, ``code``, ``tool``; ``facts``, ``facts_few`` and
-                ``facts_named``, the invented-fact controls); picks the embedded data, the row format and the verifier. Rows in the
-                verl layout (``prompt``, ``reward_model``) load in every domain.
+                ``facts_named``, the invented-fact controls); picks the embedded data, the row format and the
+                verifier. Rows in the verl layout (``prompt``, ``reward_model``) load in every domain.
             train: ``embedded`` (the generated data packaged with the domain), a local JSONL/JSON/parquet
                 file or folder, or a Hugging Face hub dataset name (``name`` or ``name:config``).
             val: like ``train``; ``holdout`` takes ``num_val`` prompts out of the training data; null for none.

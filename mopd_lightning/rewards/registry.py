@@ -40,8 +40,9 @@ ANSWER_SPANS: Dict[str, AnswerSpan] = {
     "code": _without_truth(code.answer_span), "tool": _without_truth(tool.answer_span), "named": named.answer_span,
 }
 """Where each verifier reads the answer in a response (character offsets, given ``strict`` and the ground truth:
-a name is found among the options), for the analysis's answer-span score and ``model.loss.tokens: answer``; a domain without an entry has its whole response scored as the
-rest in the analysis, and is refused by the answer-span loss."""
+a name is found among the options), for the analysis's answer-span score and ``model.loss.tokens: answer``; a
+domain without an entry has its whole response scored as the rest in the analysis, and is refused by the
+answer-span loss."""
 
 
 def get_verifier(name: str, strict: bool = True, sandbox: str = "auto") -> Verifier:
