@@ -444,7 +444,7 @@ def test_the_steps_teacher_signal_metrics_are_the_analysis_of_its_own_contexts(t
     from mopd_lightning.rewards.registry import ANSWER_SPANS
     from mopd_lightning.scoring import mean_logp_and_entropy, output_weight, score_rollouts
 
-    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict: (0, 3) if len(text) >= 3 else None)
+    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict, truth: (0, 3) if len(text) >= 3 else None)
     module = make(tiny_model, peers=PeerConfig(require_success=False))
     expected = {}
     real_update = module.update_student
