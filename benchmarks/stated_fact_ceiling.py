@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import torch
 
