@@ -400,7 +400,10 @@ class LossConfig:
             never exist (top-k always goes through the logits).
         estimator: ``full``: the divergence over the whole vocabulary (or ``topk``) at every token; ``sampled_token``:
             reverse KL estimated on the sampled token alone, the teacher-minus-student log-ratio as a per-token
-            advantage (the reference's ``full_logit_distillation: false``; needs ``alpha: 1`` and no ``topk``).
+            advantage (the reference's ``full_logit_distillation: false``); ``label_contrast``: the same estimate
+            under the peers' true labels minus under the same peers with their labels swapped, so that only what
+            the labels say moves the student, not what any peer context does to the teacher (after RLCSD,
+            arXiv 2606.11709; a second teacher pass). Both need ``alpha: 1`` and no ``topk``.
         tokens: ``all`` response tokens, or only the ``answer`` span the verifier read (the letter, the last
             ``\\boxed{}``, the program; a token mean over those tokens; rollouts without one get no signal): where the
             analysis finds the peers' information, on a short-answer task (README, "The positive control").
@@ -414,7 +417,7 @@ class LossConfig:
     is_clip: float = 2.0
     backend: Literal["auto", "triton", "torch"] = "auto"
     fused_linear: bool = True
-    estimator: Literal["full", "sampled_token"] = "full"
+    estimator: Literal["full", "sampled_token", "label_contrast"] = "full"
     tokens: Literal["all", "answer"] = "all"
 
     def __post_init__(self):
@@ -425,10 +428,10 @@ class LossConfig:
                  "must be null or positive")
         _require(self.topk is None or self.topk >= 1, "model.loss.topk", "must be null or >= 1")
         _require(self.is_clip >= 1, "model.loss.is_clip", "must be >= 1")
-        _require(self.estimator in ("full", "sampled_token"), "model.loss.estimator",
-                 f"is {self.estimator!r}; expected full or sampled_token")
+        _require(self.estimator in ("full", "sampled_token", "label_contrast"), "model.loss.estimator",
+                 f"is {self.estimator!r}; expected full, sampled_token or label_contrast")
         _require(self.estimator == "full" or (self.alpha == 1 and self.topk is None), "model.loss.estimator",
-                 f"sampled_token estimates reverse KL on the sampled token: it needs model.loss.alpha 1 (is "
+                 f"{self.estimator} estimates reverse KL on the sampled token: it needs model.loss.alpha 1 (is "
                  f"{self.alpha}) and model.loss.topk null (is {self.topk})")
         _require(self.backend in ("auto", "triton", "torch"), "model.loss.backend",
                  f"is {self.backend!r}; expected auto, triton or torch")

@@ -6,7 +6,8 @@ teacher's by ``teacher_temperature`` when set):
 ``alpha = 0`` is forward KL(T || S), ``alpha = 1`` reverse KL(S || T), and in between the generalized
 Jensen-Shannon divergence ``(1 - alpha) KL(S || M) + alpha KL(T || M)`` with ``M = (1 - alpha) S + alpha T``.
 With ``estimator: sampled_token`` the reverse KL is instead estimated on the sampled token alone (a per-token
-advantage). The module hands over final hidden states and output projections; with ``fused_linear`` the kernel applies
+advantage); with ``label_contrast``, ``KL(S || T) - KL(S || T')`` is, where ``T'`` is the teacher shown the same peers
+with their labels swapped: ``log S`` cancels, leaving ``log T'(y) - log T(y)``. The module hands over final hidden states and output projections; with ``fused_linear`` the kernel applies
 the projection chunk by chunk, so the ``(tokens x vocabulary)`` logits never exist.
 """
 
@@ -23,12 +24,16 @@ from .config import LossConfig
 
 def distillation_loss(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
                       teacher_weight: torch.Tensor, weights: torch.Tensor, config: LossConfig,
-                      tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      tokens: Optional[torch.Tensor] = None, contrast_hidden: Optional[torch.Tensor] = None
+                      ) -> torch.Tensor:
     """Sum over tokens of ``weights * divergence`` (``tokens``: the sampled ones, read by the sampled-token
-    estimate alone)."""
+    estimates alone; ``contrast_hidden``: the teacher under the swapped labels, read by ``label_contrast``)."""
     if config.estimator == "sampled_token":
         return sampled_token_reverse_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, weights,
                                         tokens, config)
+    if config.estimator == "label_contrast":
+        return label_contrast(student_hidden, student_weight, teacher_hidden, contrast_hidden, teacher_weight,
+                              weights, tokens, config)
     common = dict(alpha=config.alpha, temperature=config.temperature, teacher_temperature=config.teacher_temperature,
                   weights=weights, reduction="sum", backend=config.backend)
     if config.fused_linear and config.topk is None:
@@ -50,11 +55,37 @@ def sampled_token_reverse_kl(student_hidden: torch.Tensor, student_weight: torch
     if tokens is None:
         raise ValueError("the sampled-token estimate needs the sampled tokens")
     student = token_logprobs(student_hidden, student_weight, tokens, temperature=config.temperature)
-    with torch.no_grad():
-        teacher = token_logprobs(teacher_hidden, teacher_weight, tokens,
-                                 temperature=config.teacher_temperature or config.temperature)
-    ratio = (student - teacher).detach()
-    return (weights * (ratio + ratio * (student - student.detach()))).sum()
+    return _score_function(student, student.detach() - _teacher_logprobs(teacher_hidden, teacher_weight, tokens,
+                                                                         config), weights)
+
+
+def label_contrast(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                   contrast_hidden: torch.Tensor, teacher_weight: torch.Tensor, weights: torch.Tensor,
+                   tokens: torch.Tensor, config: LossConfig) -> torch.Tensor:
+    """``KL(S || T) - KL(S || T')`` on the sampled tokens, ``T'`` the teacher shown the same peers with their labels
+    swapped: per token ``log T'(y) - log T(y)``, with the score-function gradient. What a peer context does to the
+    teacher whatever its labels (a shorter, surer, differently worded answer: RLCSD's "style drift") is in both
+    terms and cancels; what is left pulls the student toward the tokens the true labels favour over the swapped
+    ones (after RLCSD, arXiv 2606.11709, whose wrong hint is here the same peers, mislabelled)."""
+    if tokens is None or contrast_hidden is None:
+        raise ValueError("the label contrast needs the sampled tokens and the teacher under the swapped labels")
+    student = token_logprobs(student_hidden, student_weight, tokens, temperature=config.temperature)
+    contrast = (_teacher_logprobs(contrast_hidden, teacher_weight, tokens, config)
+                - _teacher_logprobs(teacher_hidden, teacher_weight, tokens, config))
+    return _score_function(student, contrast, weights)
+
+
+@torch.no_grad()
+def _teacher_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, config: LossConfig
+                      ) -> torch.Tensor:
+    return token_logprobs(hidden, weight, tokens, temperature=config.teacher_temperature or config.temperature)
+
+
+def _score_function(student_logp: torch.Tensor, value: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(weights * value)`` in the forward pass, ``sum(weights * value * grad log S(y))`` in the backward:
+    a per-token estimate whose gradient is the score-function one (``value`` detached)."""
+    value = value.detach()
+    return (weights * (value + value * (student_logp - student_logp.detach()))).sum()
 
 
 @torch.no_grad()

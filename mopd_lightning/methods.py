@@ -66,6 +66,12 @@ class Method:
         """Whether the distillation reads only the answer's tokens (``model.loss.tokens: answer``)."""
         return any(isinstance(o, Distillation) and o.config.tokens == "answer" for _, o in self.objectives)
 
+    @property
+    def contrasts_labels(self) -> bool:
+        """Whether the teacher also scores each rollout under its peers with their labels swapped
+        (``model.loss.estimator: label_contrast``)."""
+        return any(isinstance(o, Distillation) and o.config.estimator == "label_contrast" for _, o in self.objectives)
+
     def learns_from(self, rewards: Sequence[float], success: Sequence[bool]) -> bool:
         """Whether a group with these rewards gives any of the method's objectives a signal (dynamic sampling)."""
         return any(objective.learns_from(rewards, success) for _, objective in self.objectives)
@@ -90,6 +96,10 @@ def build_method(name: str, peers: PeerConfig, teacher: TeacherConfig, loss: Los
         if teacher.kind not in ("frozen", "external"):
             teacher = _preset(teacher, "teacher_opd", "model.teacher", kind="frozen")
         peers = _preset(peers, "teacher_opd", "model.peers", context="none")
+    if loss.estimator == "label_contrast" and peers.context == "none":
+        raise ConfigError(f"model.loss.estimator: label_contrast contrasts the teacher under the peers' labels with "
+                          f"the same peers relabelled; model.method {name} with model.peers.context none shows the "
+                          "teacher no peers. Use estimator sampled_token, or a method with peers (mopd, opd)")
     objectives = [(1.0 - grpo.weight, Distillation(loss)), (grpo.weight, ClippedPolicyGradient(grpo))]
     return Method(name, [(w, o) for w, o in objectives if w > 0], peers, teacher)
 

@@ -55,24 +55,38 @@ def teacher_signal_metrics(rollouts, probes: Dict[str, Dict[int, Dict[str, Any]]
     teacher-minus-student score over the step's prompts with both outcomes (whole response and answer span), the
     teacher-minus-student entropy on the student's tokens, and the share of successes (and of failures) whose
     tokens the teacher finds likelier than the student does, i.e. that distillation pushes up. A teacher flatter
-    than the student (entropy gap > 0, successes not favoured) is a collapse coming (README, "Logged metrics")."""
-    student, teacher = probes["student"], probes["teacher"]
-    records = [{"prompt": rollouts.group[r], "reward": rollouts.reward[r], "success": rollouts.success[r],
-                "student_logp": student[r]["logp"], "student_entropy": student[r]["entropy"],
-                "student_parts": student[r]["parts"], "teacher": {"step": teacher[r]}} for r in sorted(teacher)]
+    than the student (entropy gap > 0, successes not favoured) is a collapse coming (README, "Logged metrics").
+
+    With ``label_contrast``, ``train/contrast_auc`` (and ``_answer``) are the same AUCs of the contrast's score, the
+    teacher's mean log-prob under the true labels minus under the swapped ones."""
+    records = _records(rollouts, probes["student"], probes["teacher"])
     if not records:
         return {}
     step = summarize(records, ["step"], samples=1)["variants"]["step"]
     metrics = {"train/teacher_entropy_gap": step["entropy_gap"]["mean"],
                "train/teacher_auc_prompts": float(step["auc"]["n"])}
-    for key, name in (("auc", "train/teacher_auc"), ("auc_answer", "train/teacher_auc_answer")):
-        if step[key]["n"]:
-            metrics[name] = step[key]["mean"]
+    summaries = [(step, "train/teacher")]
+    if probes.get("contrast"):
+        contrast = _records(rollouts, probes["contrast"], probes["teacher"])
+        summaries.append((summarize(contrast, ["step"], samples=1)["variants"]["step"], "train/contrast"))
+    for summary, prefix in summaries:
+        for key in ("auc", "auc_answer"):
+            if summary[key]["n"]:
+                metrics[f"{prefix}_{key}"] = summary[key]["mean"]
     for outcome, name in ((True, "success"), (False, "failure")):
         scores = [score(record, "step") for record in records if record["success"] == outcome]
         if scores:
             metrics[f"train/teacher_favours_{name}_fraction"] = sum(s > 0 for s in scores) / len(scores)
     return metrics
+
+
+def _records(rollouts, baseline: Dict[int, Dict[str, Any]], teacher: Dict[int, Dict[str, Any]]
+             ) -> List[Dict[str, Any]]:
+    """The analysis's records of the step's taught rollouts, each scored as ``teacher`` minus ``baseline`` (the
+    student, or the teacher under swapped labels)."""
+    return [{"prompt": rollouts.group[r], "reward": rollouts.reward[r], "success": rollouts.success[r],
+             "student_logp": baseline[r]["logp"], "student_entropy": baseline[r]["entropy"],
+             "student_parts": baseline[r]["parts"], "teacher": {"step": teacher[r]}} for r in sorted(teacher)]
 
 
 def training_metrics(rollouts, signal, names: List[str], weights: List[float], stats: Dict[str, Any],

@@ -361,6 +361,12 @@ class MOPDModule(pl.LightningModule):
                     signal.contexts[r].active = bool(signal.answer_positions[r])
             sequences = {r: c.prompt_ids + rollouts.response_ids[r] for r, c in enumerate(signal.contexts) if c.active}
             signal.teacher_hidden, signal.teacher_weight = self.score_teacher(sequences, lengths)
+            if self.method.contrasts_labels:  # the same peers, labels swapped: the teacher's second pass
+                signal.contrast_contexts = swapped = build_teacher_contexts(
+                    batch, rollouts, self.tokenizer, self.peers, swap_labels=True,
+                    seed_key=f"{self.seed}:{self.rollout_batches}")
+                sequences = {r: swapped[r].prompt_ids + rollouts.response_ids[r] for r in sequences}
+                signal.contrast_hidden, _ = self.score_teacher(sequences, lengths)
         if self.method.needs_advantages:
             signal.advantages = group_advantages(rollouts, self.grpo)
         if self.uses_reference:

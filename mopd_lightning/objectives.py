@@ -34,6 +34,8 @@ class TrainingSignal:
     contexts: Optional[List[TeacherContext]] = None  # peer contexts (distillation)
     teacher_hidden: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens, H)
     teacher_weight: Optional[torch.Tensor] = None  # the teacher's output projection (V, H)
+    contrast_contexts: Optional[List[TeacherContext]] = None  # the same peers, labels swapped, and the teacher's
+    contrast_hidden: Dict[int, torch.Tensor] = field(default_factory=dict)  # states there (label_contrast)
     advantages: Optional[List[float]] = None  # per rollout (GRPO)
     reference_logp: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens,) (KL)
     answer_positions: Dict[int, List[int]] = field(default_factory=dict)  # rollout -> its answer's tokens
@@ -148,8 +150,10 @@ class Distillation(Objective):
             weights = (batch.current_logp() - batch.old_logp).exp().clamp(max=self.config.is_clip)
         if self.config.tokens == "answer":
             weights = weights * batch.at_positions([signal.answer_positions[r] for r in batch.rows])
+        contrast_hidden = (torch.cat([signal.contrast_hidden[r] for r in batch.rows])
+                           if self.config.estimator == "label_contrast" else None)
         return distillation_loss(batch.hidden, batch.weight, teacher_hidden, signal.teacher_weight,
-                                 batch.weighted(weights), self.config, batch.tokens)
+                                 batch.weighted(weights), self.config, batch.tokens, contrast_hidden)
 
 
 def group_advantages(rollouts: Rollouts, config: GRPOConfig) -> List[float]:

@@ -245,13 +245,17 @@ def own_feedback(rollouts: Rollouts, r: int, peers: Sequence[Peer], tokenizer, c
 
 
 def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokenizer, config: PeerConfig,
-                           seed_key: str) -> List[TeacherContext]:
+                           seed_key: str, swap_labels: bool = False) -> List[TeacherContext]:
     """Teacher prompts for all rollouts of a verified batch, in rollout order.
 
     With ``context: none`` the teacher reads the student's own prompt. A rollout without any peer gets an
     empty, inactive context. With ``self_feedback``, a rollout's own feedback joins its context, and a rollout with
     feedback but no peers gets a context of its feedback alone. With ``require_success``, a rollout shown no
     success, whole or by its summary, is shown nothing: no peers, no summaries, no feedback.
+
+    ``swap_labels``: the same contexts with every peer and summary shown under the other label (the wrong hint of
+    ``model.loss.estimator: label_contrast``): the same texts in the same places, the same feedback; only the
+    labels' words differ.
     """
     seed_keys = [f"{seed_key}:{e.id}" for e in batch]
     if config.context == "none":
@@ -286,6 +290,9 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
                 truncated[rollout, without_thinking] = truncate_middle(ids, config.max_peer_tokens, tokenizer,
                                                                        config.truncation_marker)
         shown = [truncated[key] for key in keys]
+        if swap_labels:
+            peers, summarized[r] = _swapped(peers), _swapped(summarized[r])
+            summaries, _ = summary_blocks(rollouts, summarized[r], config)
         messages = teacher_messages(asked[rollouts.group[r]], [text for text, _ in shown],
                                     [p.shown_success for p in peers], [rollouts.feedback[p.rollout] for p in peers],
                                     config, feedback, summaries)
@@ -293,6 +300,10 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
         contexts.append(TeacherContext(list(ids), peers, sum(cut for _, cut in shown), True, summarized[r],
                                        fallbacks))
     return contexts
+
+
+def _swapped(peers: Sequence[Peer]) -> List[Peer]:
+    return [Peer(p.rollout, not p.shown_success) for p in peers]
 
 
 THINKING = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)

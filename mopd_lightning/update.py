@@ -41,7 +41,8 @@ class StudentUpdate:
         self.engine_weights: Dict[int, torch.Tensor] = {}  # per rollout, set on the first update
         # per rollout with a teacher: the student's and the teacher's mean log-prob and entropy on its tokens, from
         # the first update's forward pass (before any change), for the step's teacher-signal metrics
-        self.probes: Dict[str, Dict[int, Dict[str, Any]]] = {"student": {}, "teacher": {}}
+        # (and the teacher's under swapped labels, for label_contrast)
+        self.probes: Dict[str, Dict[int, Dict[str, Any]]] = {"student": {}, "teacher": {}, "contrast": {}}
         self.first_update = True
 
     def run(self) -> Dict[str, Any]:
@@ -193,15 +194,19 @@ class StudentUpdate:
                                                             response_ids, parts))
         self.probes["teacher"].update(mean_logp_and_entropy({r: signal.teacher_hidden[r] for r in taught},
                                                             signal.teacher_weight, response_ids, parts))
+        if signal.contrast_hidden:
+            self.probes["contrast"].update(mean_logp_and_entropy({r: signal.contrast_hidden[r] for r in taught},
+                                                                 signal.teacher_weight, response_ids, parts))
 
     def _padded_fraction(self) -> float:
         """Padding's share of the tokens this step's teacher, reference and student passes computed."""
         rollouts, signal, optim = self.rollouts, self.signal, self.module.optim
         full = {r: len(rollouts.prompt_ids[r]) + len(ids) for r, ids in enumerate(rollouts.response_ids)}
         passes = [[full[r] for r in self.forward], [full[r] for r in signal.reference_logp]]
-        if signal.contexts is not None:
-            passes.append([len(c.prompt_ids) + len(rollouts.response_ids[r])
-                           for r, c in enumerate(signal.contexts) if c.active])
+        for contexts in (signal.contexts, signal.contrast_contexts):
+            if contexts is not None:
+                passes.append([len(contexts[r].prompt_ids) + len(rollouts.response_ids[r])
+                               for r, c in enumerate(signal.contexts) if c.active])
         return padded_fraction(passes, optim.max_tokens_per_micro_batch, optim.packed)
 
     def _zero_loss(self) -> torch.Tensor:

@@ -432,24 +432,46 @@ def test_a_signal_on_the_answer_alone_is_found_where_the_whole_response_dilutes_
     assert "**Where does the signal sit?**" in table and "| 2S1F | 1.000" in table.split("Where does")[1]
 
 
+def one_step_seen_before_its_update(module, monkeypatch, look):
+    """One training step on 4 of 8 parity prompts, calling ``look(batch, rollouts, signal)`` after the teacher
+    phase and before the update moves any weight; the step's logged metrics."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from mopd_lightning.data.datamodule import PromptStream
+
+    real_signal, real_update, seen = module.training_signal, module.update_student, {}
+
+    def remembering(batch, rollouts):
+        seen["batch"] = batch
+        return real_signal(batch, rollouts)
+
+    def looked_then_updated(rollouts, signal):
+        look(seen["batch"], rollouts, signal)
+        return real_update(rollouts, signal)
+
+    monkeypatch.setattr(module, "training_signal", remembering)
+    monkeypatch.setattr(module, "update_student", looked_then_updated)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(PromptStream(examples(8), 4, seed=0, shuffle=False),
+                                                     batch_size=None))
+    return trainer.logged_metrics
+
+
 def test_the_steps_teacher_signal_metrics_are_the_analysis_of_its_own_contexts(tiny_model, monkeypatch):
     """``train/teacher_auc``, ``_auc_answer``, ``_entropy_gap`` and the favoured fractions, logged from the training
     step's own passes, equal the analysis's statistics computed by its own scoring passes on the same rollouts and
     contexts, before the update moves any weight."""
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-
     from mopd_lightning.analysis import score, summarize
-    from mopd_lightning.data.datamodule import PromptStream
     from mopd_lightning.rewards.registry import ANSWER_SPANS
     from mopd_lightning.scoring import mean_logp_and_entropy, output_weight, score_rollouts
 
     monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict, truth: (0, 3) if len(text) >= 3 else None)
     module = make(tiny_model, peers=PeerConfig(require_success=False))
     expected = {}
-    real_update = module.update_student
 
-    def analysed_then_updated(rollouts, signal):
+    def analysed(batch, rollouts, signal):
         taught = sorted(signal.teacher_hidden)
         lengths = {r: len(rollouts.response_ids[r]) for r in taught}
         parts = {r: {"answer": signal.answer_positions[r]} for r in taught}
@@ -469,16 +491,54 @@ def test_the_steps_teacher_signal_metrics_are_the_analysis_of_its_own_contexts(t
         for outcome, name in ((True, "success"), (False, "failure")):
             scores = [score(rec, "2S1F") > 0 for rec in records if rec["success"] == outcome]
             expected[f"train/teacher_favours_{name}_fraction"] = sum(scores) / len(scores)
-        return real_update(rollouts, signal)
 
-    monkeypatch.setattr(module, "update_student", analysed_then_updated)
-    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, train_dataloaders=DataLoader(PromptStream(examples(8), 4, seed=0, shuffle=False),
-                                                     batch_size=None))
+    logged = one_step_seen_before_its_update(module, monkeypatch, analysed)
     assert expected["train/teacher_auc_prompts"] >= 2 and expected["train/teacher_auc_answer"] is not None
     for key, value in expected.items():
-        assert abs(float(trainer.logged_metrics[key]) - value) < 1e-4, key
+        assert abs(float(logged[key]) - value) < 1e-4, key
+
+
+def test_the_label_contrasts_auc_is_that_of_the_teacher_under_true_minus_swapped_labels(tiny_model, monkeypatch):
+    """``train/contrast_auc`` (and ``_answer``), logged with ``label_contrast``: over the step's prompts with both
+    outcomes, the mean AUC of each rollout's mean log-prob under its true context minus under the same peers with
+    swapped labels, both scored here again by the teacher before the update."""
+    from mopd_lightning.config import LossConfig
+    from mopd_lightning.peers import build_teacher_contexts
+    from mopd_lightning.rewards.registry import ANSWER_SPANS
+    from mopd_lightning.scoring import mean_logp_and_entropy
+
+    monkeypatch.setitem(ANSWER_SPANS, "parity", lambda text, strict, truth: (0, 3) if len(text) >= 3 else None)
+    module = make(tiny_model, peers=PeerConfig(require_success=False),
+                  loss=LossConfig(estimator="label_contrast", alpha=1.0))
+    expected = {}
+
+    def analysed(batch, rollouts, signal):
+        taught = sorted(signal.teacher_hidden)
+        lengths = {r: len(rollouts.response_ids[r]) for r in taught}
+        parts = {r: {"answer": signal.answer_positions[r]} for r in taught}
+        swapped = build_teacher_contexts(batch, rollouts, module.tokenizer, module.peers,
+                                         f"{module.seed}:{module.rollout_batches}", swap_labels=True)
+        scored = [mean_logp_and_entropy(*module.score_teacher(
+            {r: contexts[r].prompt_ids + rollouts.response_ids[r] for r in taught}, lengths),
+            rollouts.response_ids, parts) for contexts in (signal.contexts, swapped)]
+        groups = {}
+        for r in taught:
+            groups.setdefault(rollouts.group[r], []).append(r)
+        for key, value in (("auc", lambda x, r: x[r]["logp"]), ("auc_answer", lambda x, r: x[r]["parts"]["answer"])):
+            aucs = []
+            for members in groups.values():
+                members = [r for r in members if value(scored[0], r) is not None]
+                contrast = {r: value(scored[0], r) - value(scored[1], r) for r in members}
+                successes = [contrast[r] for r in members if rollouts.success[r]]
+                failures = [contrast[r] for r in members if not rollouts.success[r]]
+                if successes and failures:
+                    aucs.append(auc(successes, failures))
+            expected[f"train/contrast_{key}"] = sum(aucs) / len(aucs)
+
+    logged = one_step_seen_before_its_update(module, monkeypatch, analysed)
+    assert set(expected) == {"train/contrast_auc", "train/contrast_auc_answer"}
+    for key, value in expected.items():
+        assert abs(float(logged[key]) - value) < 1e-4, key
 
 
 def test_the_choice_target_is_each_options_token_where_the_answer_starts(tiny_model):

@@ -94,10 +94,69 @@ def test_the_sampled_token_estimate_is_reverse_kl_on_the_sampled_token_with_its_
     torch.testing.assert_close(expectation.sum().float(), kl, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("teacher_temperature", [None, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_label_contrast_is_the_difference_of_two_reverse_kls_on_the_sampled_token(temperature,
+                                                                                   teacher_temperature):
+    """Value: sum of w (log T'(y) - log T(y)), T' the teacher under swapped labels; gradient: the same times
+    grad log S(y), against float64 formulas; a masked token contributes neither, a -inf teacher logit on an
+    unsampled token changes nothing. It is the sampled-token estimate under T minus the one under T' (log S
+    cancels), and in expectation over y ~ S the full KL(S || T) - KL(S || T'). Identical teachers: zero loss and
+    zero gradient, whatever the student."""
+    hidden, weight, teacher_hidden, teacher_weight = make_inputs()
+    contrast_hidden = torch.randn(7, 8)
+    tokens = torch.tensor([3, 7, 0, 49, 12, 5, 5])
+    weights = torch.tensor([1.0, 0.0, 1.0, 2.0, 0.0, 1.0, 0.5])
+    plain_weight, plain_hidden = teacher_weight, (teacher_hidden, contrast_hidden)
+    ruled_out = torch.zeros(50, 1)
+    ruled_out[20] = -math.inf  # a token both teachers rule out (a -inf logit), never sampled
+    teacher_weight = torch.cat([teacher_weight, ruled_out], 1)
+    teacher_hidden, contrast_hidden = (torch.cat([h, torch.ones(7, 1)], 1) for h in plain_hidden)
+    config = LossConfig(estimator="label_contrast", alpha=1.0, temperature=temperature,
+                        teacher_temperature=teacher_temperature)
+    loss = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config, tokens, contrast_hidden)
+    loss.backward()
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    log_s = torch.log_softmax(h64 @ w64.T / temperature, -1)
+    scale = teacher_temperature or temperature
+    log_t = torch.log_softmax((teacher_hidden @ teacher_weight.T).double() / scale, -1)
+    log_c = torch.log_softmax((contrast_hidden @ teacher_weight.T).double() / scale, -1)
+    at = tokens[:, None]
+    contrast = (log_c.gather(-1, at) - log_t.gather(-1, at))[:, 0]
+    torch.testing.assert_close(loss.double(), (weights.double() * contrast).sum(), rtol=1e-5, atol=1e-6)
+    (weights.double() * contrast * log_s.gather(-1, at)[:, 0]).sum().backward()
+    torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    assert hidden.grad[weights == 0].abs().max() == 0
+    sampled = LossConfig(estimator="sampled_token", alpha=1.0, temperature=temperature,
+                         teacher_temperature=teacher_temperature)
+    under = [distillation_loss(hidden.detach(), weight.detach(), h, teacher_weight, weights, sampled, tokens)
+             for h in (teacher_hidden, contrast_hidden)]
+    torch.testing.assert_close(loss.detach(), under[0] - under[1], rtol=1e-4, atol=1e-5)
+    # unbiased (with a teacher that rules nothing out, so both KLs are finite)
+    log_t, log_c = (torch.log_softmax((h @ plain_weight.T).double() / scale, -1) for h in plain_hidden)
+    expectation = sum(log_s.exp().detach()[:, y] * (log_c[:, y] - log_t[:, y]) for y in range(log_s.shape[1]))
+    full = LossConfig(alpha=1.0, temperature=temperature, teacher_temperature=teacher_temperature, backend="torch")
+    kls = [distillation_loss(hidden.detach(), weight.detach(), h, plain_weight, weights, full) for h in plain_hidden]
+    torch.testing.assert_close((weights.double() * expectation).sum().float(), kls[0] - kls[1], rtol=1e-4, atol=1e-4)
+    hidden.grad = None
+    same = distillation_loss(hidden, weight, teacher_hidden, teacher_weight, weights, config, tokens, teacher_hidden)
+    same.backward()
+    assert float(same.detach()) == 0 and hidden.grad.abs().max() == 0
+
+
+@pytest.mark.parametrize("estimator", ["sampled_token", "label_contrast"])
 @pytest.mark.parametrize("settings", [dict(alpha=0.5), dict(alpha=1.0, topk=100)])
-def test_the_sampled_token_estimate_refuses_what_it_does_not_estimate(settings):
-    with pytest.raises(Exception, match="model.loss.estimator: sampled_token"):
-        LossConfig(estimator="sampled_token", **settings)
+def test_the_sampled_token_estimates_refuse_what_they_do_not_estimate(estimator, settings):
+    with pytest.raises(Exception, match=f"model.loss.estimator: {estimator}"):
+        LossConfig(estimator=estimator, **settings)
+
+
+def test_the_label_contrast_needs_the_teacher_under_swapped_labels():
+    hidden, weight, teacher_hidden, teacher_weight = make_inputs()
+    config = LossConfig(estimator="label_contrast", alpha=1.0)
+    with pytest.raises(ValueError, match="swapped labels"):
+        distillation_loss(hidden, weight, teacher_hidden, teacher_weight, torch.ones(7), config, torch.zeros(7).long())
 
 
 def test_fused_and_unfused_paths_agree():

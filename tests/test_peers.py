@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import pytest
 from transformers import AutoTokenizer
 
@@ -456,3 +458,37 @@ def test_summaries_and_own_feedback_train_with_each_method(tiny_model, monkeypat
     else:
         assert float(metrics["train/summaries_per_context"]) == 0
     assert float(metrics["train/grad_norm"]) > 0
+
+
+@pytest.mark.parametrize("context,n_success,n_failure", [("peers", 2, 1), ("peers", 1, 0), ("swapped_labels", 1, 1),
+                                                         ("random_peer", 2, 1)])
+@pytest.mark.parametrize("summaries", ["off", "all"])
+@pytest.mark.parametrize("self_feedback", ["never", "without_success"])
+def test_swapped_labels_contexts_differ_from_the_true_ones_only_in_the_labels_words(tokenizer, context, n_success,
+                                                                                   n_failure, summaries,
+                                                                                   self_feedback):
+    """The wrong hint of ``label_contrast``: every rollout's swapped context is, token for token, its true context
+    written with the success and failure wordings exchanged (same peers, same texts in the same places, the same
+    summaries and own feedback), so that the contrast between the two sees only what the labels say."""
+    example = Example("q", [{"role": "user", "content": "Q"}], "A", "sci")
+    texts = ["<think>S1</think> right <summary>units</summary>", "right again", "wrong", "<think>F</think> wrong too",
+             "no idea"]
+    rollouts = rollouts_of(tokenizer, [tokenizer.encode(t) for t in texts], [1.0, 1.0, 0.0, 0.0, 0.0],
+                           feedback=[None, None, "off by one", None, "no answer"])
+    summarized = dict(summaries=summaries, summary_k=2) if context == "peers" else {}
+    config = PeerConfig(context=context, n_success=n_success, n_failure=n_failure, self_feedback=self_feedback,
+                        remove_thinking_from_demonstration=True, require_success=False, **summarized)
+    exchanged = replace(config, success_template=config.failure_template, failure_template=config.success_template,
+                        summary_success_template=config.summary_failure_template,
+                        summary_failure_template=config.summary_success_template)
+    true = build_teacher_contexts([example], rollouts, tokenizer, config, "k")
+    swapped = build_teacher_contexts([example], rollouts, tokenizer, config, "k", swap_labels=True)
+    reworded = build_teacher_contexts([example], rollouts, tokenizer, exchanged, "k")
+    assert any(c.peers for c in true)
+    for r, (t, s, w) in enumerate(zip(true, swapped, reworded)):
+        assert s.prompt_ids == w.prompt_ids, r
+        assert s.active == t.active and [p.rollout for p in s.peers] == [p.rollout for p in t.peers]
+        assert [p.shown_success for p in s.peers] == [not p.shown_success for p in t.peers]
+        assert [p.shown_success for p in s.summarized] == [not p.shown_success for p in t.summarized]
+        if t.peers:
+            assert s.prompt_ids != t.prompt_ids
