@@ -7,8 +7,9 @@ teacher's by ``teacher_temperature`` when set):
 Jensen-Shannon divergence ``(1 - alpha) KL(S || M) + alpha KL(T || M)`` with ``M = (1 - alpha) S + alpha T``.
 With ``estimator: sampled_token`` the reverse KL is instead estimated on the sampled token alone (a per-token
 advantage); with ``label_contrast``, ``KL(S || T) - KL(S || T')`` is, where ``T'`` is the teacher shown the same peers
-with their labels swapped: ``log S`` cancels, leaving ``log T'(y) - log T(y)``. The module hands over final hidden states and output projections; with ``fused_linear`` the kernel applies
-the projection chunk by chunk, so the ``(tokens x vocabulary)`` logits never exist.
+with their labels swapped: ``log S`` cancels, leaving ``log T'(y) - log T(y)``. The module hands over final hidden
+states and output projections; with ``fused_linear`` the kernel applies the projection chunk by chunk, so the
+``(tokens x vocabulary)`` logits never exist.
 """
 
 from __future__ import annotations

@@ -349,8 +349,8 @@ class MOPDModule(pl.LightningModule):
         signal = TrainingSignal()
         lengths = {r: len(ids) for r, ids in enumerate(rollouts.response_ids)}
         if self.method.needs_teacher:
-            signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers,
-                                                     seed_key=f"{self.seed}:{self.rollout_batches}")
+            seed_key = f"{self.seed}:{self.rollout_batches}"
+            signal.contexts = build_teacher_contexts(batch, rollouts, self.tokenizer, self.peers, seed_key)
             if self.method.distils_answers_only:
                 check_answer_spans({e.verifier for e in batch})
             active = [r for r, context in enumerate(signal.contexts) if context.active]
@@ -363,8 +363,7 @@ class MOPDModule(pl.LightningModule):
             signal.teacher_hidden, signal.teacher_weight = self.score_teacher(sequences, lengths)
             if self.method.contrasts_labels:  # the same peers, labels swapped: the teacher's second pass
                 signal.contrast_contexts = swapped = build_teacher_contexts(
-                    batch, rollouts, self.tokenizer, self.peers, swap_labels=True,
-                    seed_key=f"{self.seed}:{self.rollout_batches}")
+                    batch, rollouts, self.tokenizer, self.peers, seed_key, swap_labels=True)
                 sequences = {r: swapped[r].prompt_ids + rollouts.response_ids[r] for r in sequences}
                 signal.contrast_hidden, _ = self.score_teacher(sequences, lengths)
         if self.method.needs_advantages:

@@ -34,8 +34,9 @@ class TrainingSignal:
     contexts: Optional[List[TeacherContext]] = None  # peer contexts (distillation)
     teacher_hidden: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens, H)
     teacher_weight: Optional[torch.Tensor] = None  # the teacher's output projection (V, H)
-    contrast_contexts: Optional[List[TeacherContext]] = None  # the same peers, labels swapped, and the teacher's
-    contrast_hidden: Dict[int, torch.Tensor] = field(default_factory=dict)  # states there (label_contrast)
+    # label_contrast: the same contexts with the peers' labels swapped, and the teacher's hidden states there
+    contrast_contexts: Optional[List[TeacherContext]] = None
+    contrast_hidden: Dict[int, torch.Tensor] = field(default_factory=dict)
     advantages: Optional[List[float]] = None  # per rollout (GRPO)
     reference_logp: Dict[int, torch.Tensor] = field(default_factory=dict)  # rollout -> (response tokens,) (KL)
     answer_positions: Dict[int, List[int]] = field(default_factory=dict)  # rollout -> its answer's tokens

@@ -274,6 +274,8 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
     for r, peers in enumerate(choices):
         gated = config.require_success and not peers and not summarized[r]
         feedback = "" if gated else own_feedback(rollouts, r, peers, tokenizer, config)
+        if swap_labels:
+            summarized[r] = _swapped(summarized[r])
         summaries, fallbacks = summary_blocks(rollouts, summarized[r], config)
         if not peers and not summaries and not feedback:
             plain = config.context == "none"  # the student's own prompt, or no context at all
@@ -290,9 +292,8 @@ def build_teacher_contexts(batch: Sequence[Example], rollouts: Rollouts, tokeniz
                 truncated[rollout, without_thinking] = truncate_middle(ids, config.max_peer_tokens, tokenizer,
                                                                        config.truncation_marker)
         shown = [truncated[key] for key in keys]
-        if swap_labels:
-            peers, summarized[r] = _swapped(peers), _swapped(summarized[r])
-            summaries, _ = summary_blocks(rollouts, summarized[r], config)
+        if swap_labels:  # after the order, the thinking removed and the feedback: those follow the true labels
+            peers = _swapped(peers)
         messages = teacher_messages(asked[rollouts.group[r]], [text for text, _ in shown],
                                     [p.shown_success for p in peers], [rollouts.feedback[p.rollout] for p in peers],
                                     config, feedback, summaries)
